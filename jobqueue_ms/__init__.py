@@ -51,7 +51,28 @@ _LAZY: dict[str, str] = {
     "Adaptive": "jobqueue_ms.adaptive",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "Adaptive",
+    "Client",
+    "CommError",
+    "Future",
+    "JobqueueError",
+    "KilledWorkerError",
+    "LSFCluster",
+    "LocalCluster",
+    "LostDataError",
+    "PBSCluster",
+    "SGECluster",
+    "SLURMCluster",
+    "SSHCluster",
+    "Scheduler",
+    "VersionMismatchError",
+    "Worker",
+    "as_completed",
+    "wait",
+]
+assert set(__all__) == {"__version__", *_LAZY}
 
 
 def __getattr__(name: str) -> Any:

@@ -32,3 +32,201 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="jobqueue-ms")
 def main() -> None:
     """Run Python work on SLURM, SGE, PBS, LSF, SSH hosts or one MPI allocation."""
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+@main.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (an interface's address; 0.0.0.0 only if you must).",
+)
+@click.option("--interface", default=None, help="Listen on this network interface (e.g. ib0).")
+@click.option(
+    "--port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on; 0 picks a free one.",
+)
+@click.option(
+    "--scheduler-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write the address here (JSON) once listening.",
+)
+@click.option("--cluster-id", default=None, help="Identifier of the cluster this scheduler serves.")
+@click.option("--log-level", default="warning", show_default=True)
+def scheduler(
+    host: str,
+    interface: str | None,
+    port: int,
+    scheduler_file: str | None,
+    cluster_id: str | None,
+    log_level: str,
+) -> None:
+    """Run a scheduler until interrupted."""
+    import signal
+
+    from .runtime.scheduler import Scheduler
+
+    _setup_logging(log_level)
+    if interface:
+        host = _interface_address(interface)
+    s = Scheduler(host=host, port=port, scheduler_file=scheduler_file, cluster_id=cluster_id)
+    signal.signal(signal.SIGTERM, lambda *_: s.stop())
+    try:
+        s.run()
+    except KeyboardInterrupt:
+        pass
+
+
+def _interface_address(interface: str) -> str:
+    import socket
+
+    import psutil
+
+    addrs = psutil.net_if_addrs().get(interface)
+    if not addrs:
+        known = ", ".join(sorted(psutil.net_if_addrs()))
+        raise click.BadParameter(
+            f"no network interface {interface!r} (known: {known})", param_hint="--interface"
+        )
+    for a in addrs:
+        if a.family == socket.AF_INET:
+            return str(a.address)
+    raise click.BadParameter(
+        f"interface {interface!r} has no IPv4 address", param_hint="--interface"
+    )
+
+
+def _parse_resources(values: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in values:
+        for part in item.split(","):
+            name, sep, amount = part.partition("=")
+            try:
+                if not sep or not name:
+                    raise ValueError
+                out[name.strip()] = float(amount)
+            except ValueError:
+                raise click.BadParameter(
+                    f"{part!r} is not NAME=AMOUNT (e.g. GPU=1)", param_hint="--resources"
+                ) from None
+    return out
+
+
+@main.command()
+@click.option(
+    "--scheduler",
+    "schedulers",
+    multiple=True,
+    help="Scheduler address tcp://host:port; repeat to serve several.",
+)
+@click.option(
+    "--scheduler-file",
+    "scheduler_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Scheduler file(s) to read addresses from.",
+)
+@click.option(
+    "--scheduler-file-timeout",
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for the scheduler file(s) to appear.",
+)
+@click.option("--nthreads", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--memory-limit", default=None, help="e.g. 4GiB; pause at 80 %, restart at 95 %.")
+@click.option("--name", default=None, help="Worker name (unique in the cluster).")
+@click.option("--job", default=None, help="Name of the job that started this worker.")
+@click.option("--resources", multiple=True, help="Abstract resources, e.g. GPU=1.")
+@click.option("--lifetime", default=None, help="Drain and leave after this long (e.g. 55m).")
+@click.option("--host", default=None, help="Address for the data port (default 127.0.0.1).")
+@click.option("--interface", default=None, help="Network interface for the data port.")
+@click.option(
+    "--nanny/--no-nanny",
+    default=True,
+    show_default=True,
+    help="Supervise the worker and restart it if it dies.",
+)
+@click.option("--log-level", default="warning", show_default=True)
+def worker(
+    schedulers: tuple[str, ...],
+    scheduler_files: tuple[str, ...],
+    scheduler_file_timeout: float,
+    nthreads: int,
+    memory_limit: str | None,
+    name: str | None,
+    job: str | None,
+    resources: tuple[str, ...],
+    lifetime: str | None,
+    host: str | None,
+    interface: str | None,
+    nanny: bool,
+    log_level: str,
+) -> None:
+    """Run a worker serving every scheduler given."""
+    import os
+    import time
+
+    from .runtime.nanny import run_worker
+    from .runtime.scheduler import read_scheduler_file
+    from .units import parse_duration, parse_memory
+
+    _setup_logging(log_level)
+    addresses = list(schedulers)
+    deadline = time.monotonic() + scheduler_file_timeout
+    for f in scheduler_files:
+        while not os.path.exists(f):
+            if time.monotonic() > deadline:
+                raise click.UsageError(
+                    f"scheduler file {f} did not appear within {scheduler_file_timeout} s"
+                )
+            time.sleep(0.1)  # polling a shared filesystem for another process's file
+        addresses.extend(read_scheduler_file(f)["addresses"])
+    if not addresses:
+        raise click.UsageError("give --scheduler tcp://host:port or --scheduler-file FILE")
+    for a in addresses:
+        if not a.startswith("tcp://"):
+            raise click.BadParameter(f"{a!r} is not tcp://host:port", param_hint="--scheduler")
+    try:
+        limit = parse_memory(memory_limit, "--memory-limit") if memory_limit else None
+        life = parse_duration(lifetime, "--lifetime") if lifetime else None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if interface:
+        host = _interface_address(interface)
+    kwargs = {
+        "schedulers": addresses,
+        "nthreads": nthreads,
+        "memory_limit": limit,
+        "name": name,
+        "job": job,
+        "resources": _parse_resources(resources),
+        "lifetime": life,
+        "host": host,
+    }
+    raise SystemExit(run_worker(kwargs, nanny=nanny))
+
+
+@main.command()
+@click.option(
+    "--schedulers", "n_schedulers", default=2, show_default=True, type=click.IntRange(min=1)
+)
+@click.option("--workers", "n_workers", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--tasks", "n_tasks", default=20000, show_default=True, type=click.IntRange(min=1))
+def demo(n_schedulers: int, n_workers: int, n_tasks: int) -> None:
+    """Run a real workload on a LocalCluster and print the answer and the throughput."""
+    from .demo import run_demo
+
+    run_demo(n_schedulers=n_schedulers, n_workers=n_workers, n_tasks=n_tasks, echo=click.echo)

@@ -31,7 +31,10 @@ _MEMORY_UNITS: dict[str, int] = {
 }
 _MEMORY_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$")
 
-MEMORY_FORM = "a byte count or a number with a unit: 500MB, 16GB, 4GiB, 1.5TiB (k/M/G/T = 1000, Ki/Mi/Gi/Ti = 1024)"
+MEMORY_FORM = (
+    "a byte count or a number with a unit: 500MB, 16GB, 4GiB, 1.5TiB "
+    "(k/M/G/T = 1000, Ki/Mi/Gi/Ti = 1024)"
+)
 DURATION_FORM = (
     "HH:MM:SS, MM:SS, D-HH:MM:SS, a number of minutes, a number with a unit (90s, 30m, 2h, 1d) "
     "or a datetime.timedelta"

@@ -1,0 +1,606 @@
+"""The Cluster base: N schedulers plus jobs that start workers; scale, adapt, close.
+
+A *job* is one thing we pay to start (a batch job, an SSH launch, a local process); it starts
+``workers_per_job`` worker processes named ``<job name>-<i>``. Every worker serves every scheduler.
+
+Subclasses provide:
+
+1. ``_submit(record) -> str``: start one job and return its native id (must);
+2. ``_cancel(records)``: stop these jobs (must);
+3. ``_poll(records) -> {native id: JobState}``: their current states (must);
+4. ``job_script() -> str``: exactly what one job runs (must);
+5. ``_start_schedulers() -> list[str]``: start the schedulers (may; default: local processes);
+6. ``_log_tail(record) -> str``: the end of a job's log, for errors (may).
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import itertools
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..runtime.admin import SchedulerAdmin
+from ..units import parse_duration, parse_memory
+
+log = logging.getLogger("jobqueue_ms.cluster")
+
+
+class JobState(str, enum.Enum):
+    """States of a job, the same for every batch system (see docs/batch.md)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"  # walltime reached: a normal end, not a failure
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT)
+
+
+@dataclass
+class JobRecord:
+    """One job of a cluster, recorded before its submission returns."""
+
+    name: str
+    job_id: str = ""
+    state: JobState = JobState.PENDING
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    walltime_s: float | None = None
+    worker_names: list[str] = field(default_factory=list)
+    log_path: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    workers_seen: bool = False
+    retiring_since: float | None = None
+    cancel_requested: bool = False
+    error: str | None = None
+
+    @property
+    def queued_s(self) -> float | None:
+        """How long the job waited in the queue (None while still pending)."""
+        return None if self.started_at is None else self.started_at - self.submitted_at
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot do what was asked (e.g. jobs keep failing at start)."""
+
+
+_LIVE: weakref.WeakSet[Cluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for c in list(_LIVE):
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+class Cluster:
+    """Base of every cluster; see the module docstring for what a subclass provides."""
+
+    workers_per_job: int = 1
+    threads_per_worker: int = 1
+    poll_interval_s: float = 1.0
+    retire_timeout_s: float = 60.0
+    max_start_failures: int = 3
+
+    def __init__(
+        self,
+        *,
+        n_schedulers: int = 1,
+        name: str | None = None,
+        scheduler_host: str = "127.0.0.1",
+        memory_limit: int | str | None = None,
+        lifetime: Any = None,
+        poll_interval: Any = None,
+        python: str | None = None,
+        cluster_dir: str | None = None,
+    ) -> None:
+        if not isinstance(n_schedulers, int) or n_schedulers < 1:
+            raise ValueError(f"n_schedulers={n_schedulers!r} must be a positive integer")
+        self.n_schedulers = n_schedulers
+        self.cluster_id = uuid.uuid4().hex[:8]
+        self.name = name or f"jqms-{self.cluster_id}"
+        self.scheduler_host = scheduler_host
+        self.memory_limit = (
+            parse_memory(memory_limit, "memory_limit") if memory_limit is not None else None
+        )
+        self.lifetime_s = parse_duration(lifetime, "lifetime") if lifetime is not None else None
+        if poll_interval is not None:
+            self.poll_interval_s = parse_duration(
+                poll_interval
+                if not isinstance(poll_interval, (int, float))
+                else f"{poll_interval}s",
+                "poll_interval",
+            )
+        self.python = python or sys.executable
+        self.jobs: dict[str, JobRecord] = {}
+        self.scheduler_addresses: list[str] = []
+        self.start_failures = 0
+        self.error: str | None = None
+        self._target: int | None = None
+        self._counter = itertools.count(1)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._adaptive: Any = None
+        self._scheduler_procs: list[subprocess.Popen[bytes]] = []
+        self._own_dir = cluster_dir is None
+        self.cluster_dir = cluster_dir or tempfile.mkdtemp(prefix=f"{self.name}-")
+        os.makedirs(self.cluster_dir, exist_ok=True)
+        self._info_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        self._stop_sync = threading.Event()
+        self._sync_thread: threading.Thread | None = None
+        _LIVE.add(self)
+
+    def _start(self) -> None:
+        """Start the schedulers and the background sync loop (call at the end of __init__)."""
+        try:
+            self.scheduler_addresses = self._start_schedulers()
+        except BaseException:
+            self.close()
+            raise
+        self._admin = SchedulerAdmin(self.scheduler_addresses)
+        self._sync_thread = threading.Thread(
+            target=self._sync_loop, name=f"{self.name}-sync", daemon=True
+        )
+        self._sync_thread.start()
+
+    # ------------------------------------------------------------------ schedulers
+    def _start_schedulers(self) -> list[str]:
+        """Start ``n_schedulers`` scheduler processes here and wait for their files."""
+        files = []
+        for i in range(self.n_schedulers):
+            f = os.path.join(self.cluster_dir, f"scheduler-{i}.json")
+            files.append(f)
+            log_f = open(os.path.join(self.cluster_dir, f"scheduler-{i}.log"), "ab")
+            argv = [
+                self.python,
+                "-m",
+                "jobqueue_ms",
+                "scheduler",
+                "--host",
+                self.scheduler_host,
+                "--port",
+                "0",
+                "--scheduler-file",
+                f,
+                "--cluster-id",
+                self.cluster_id,
+            ]
+            proc = subprocess.Popen(
+                argv, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            log_f.close()
+            self._scheduler_procs.append(proc)
+        return self._wait_for_scheduler_files(files, self._scheduler_procs)
+
+    def _wait_for_scheduler_files(
+        self, files: list[str], procs: Sequence[subprocess.Popen[bytes]] = (), timeout: float = 60
+    ) -> list[str]:
+        from ..runtime.scheduler import read_scheduler_file
+
+        deadline = time.monotonic() + timeout
+        addresses: list[str | None] = [None] * len(files)
+        while time.monotonic() < deadline:
+            for i, f in enumerate(files):
+                if addresses[i] is None and os.path.exists(f):
+                    addresses[i] = read_scheduler_file(f)["address"]
+            if all(addresses):
+                return [a for a in addresses if a]
+            for i, p in enumerate(procs):
+                if p.poll() is not None:
+                    tail = _tail(os.path.join(self.cluster_dir, f"scheduler-{i}.log"))
+                    raise ClusterError(
+                        f"scheduler {i} exited with code {p.returncode} before listening:\n{tail}"
+                    )
+            time.sleep(0.02)  # polling for files another process writes
+        raise ClusterError(f"schedulers did not write {files} within {timeout} s")
+
+    # ------------------------------------------------------------------ hooks
+    def _submit(self, record: JobRecord) -> str:
+        raise NotImplementedError
+
+    def _cancel(self, records: list[JobRecord]) -> None:
+        raise NotImplementedError
+
+    def _poll(self, records: list[JobRecord]) -> dict[str, JobState]:
+        raise NotImplementedError
+
+    def job_script(self) -> str:
+        raise NotImplementedError
+
+    def _log_tail(self, record: JobRecord) -> str:
+        return _tail(record.log_path) if record.log_path else ""
+
+    def _worker_command(self, record: JobRecord, index: int = 0) -> list[str]:
+        """argv of worker ``index`` of a job: serves every scheduler of the cluster."""
+        argv = [self.python, "-m", "jobqueue_ms", "worker"]
+        for a in self.scheduler_addresses or ["tcp://SCHEDULER:PORT"]:
+            argv += ["--scheduler", a]
+        argv += ["--nthreads", str(self.threads_per_worker)]
+        if self.memory_limit:
+            argv += ["--memory-limit", str(self.memory_limit)]
+        argv += ["--name", f"{record.name}-{index}", "--job", record.name]
+        if self.lifetime_s:
+            argv += ["--lifetime", f"{int(self.lifetime_s)}s"]
+        return argv
+
+    # ------------------------------------------------------------------ scaling
+    def scale(self, n: int | None = None, *, jobs: int | None = None) -> None:
+        """Keep ``n`` workers (rounded up to whole jobs) or ``jobs`` jobs running."""
+        if (n is None) == (jobs is None):
+            raise ValueError("scale() takes either n (workers) or jobs=..., e.g. scale(jobs=2)")
+        if jobs is None:
+            if not isinstance(n, int) or n < 0:
+                raise ValueError(f"n={n!r} must be a non-negative number of workers")
+            jobs = -(-n // self.workers_per_job)
+        if not isinstance(jobs, int) or jobs < 0:
+            raise ValueError(f"jobs={jobs!r} must be a non-negative integer")
+        self._raise_if_failed()
+        with self._lock:
+            self._target = jobs
+            self._reconcile()
+
+    def scale_up(self, n: int) -> None:
+        """Submit ``n`` more jobs (the adaptive policy calls this)."""
+        self._raise_if_failed()
+        with self._lock:
+            self._target = len(self._live_jobs()) + n
+            self._reconcile()
+
+    def scale_down(self, names: Sequence[str]) -> None:
+        """Retire these workers or jobs gracefully (their work finishes or moves first)."""
+        with self._lock:
+            records = self._records_for(names)
+            for r in records:
+                self._retire(r)
+            self._target = len(self._live_jobs())
+
+    def adapt(self, **kwargs: Any) -> Any:
+        """Scale automatically; see ``jobqueue_ms.adaptive.Adaptive`` for the options."""
+        from ..adaptive import Adaptive
+
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        self._adaptive = Adaptive(self, **kwargs)
+        return self._adaptive
+
+    def _live_jobs(self) -> list[JobRecord]:
+        return [
+            r
+            for r in self.jobs.values()
+            if not r.state.finished and r.retiring_since is None and not r.cancel_requested
+        ]
+
+    def _records_for(self, names: Sequence[str]) -> list[JobRecord]:
+        out = []
+        by_worker = {w: r for r in self.jobs.values() for w in r.worker_names}
+        for n in names:
+            r = self.jobs.get(n) or by_worker.get(n)
+            if r is None:
+                r = next((x for x in self.jobs.values() if x.job_id == n), None)
+            if r is not None and r not in out:
+                out.append(r)
+        return out
+
+    def _reconcile(self) -> None:
+        """Submit or retire jobs to reach the target."""
+        if self._target is None or self._closed:
+            return
+        live = self._live_jobs()
+        missing = self._target - len(live)
+        if missing > 0:
+            if self.start_failures >= self.max_start_failures:
+                return
+            for _ in range(missing):
+                self._submit_one()
+        elif missing < 0:
+            order = sorted(live, key=lambda r: (r.state == JobState.RUNNING, r.submitted_at))
+            for r in order[:-missing]:
+                self._retire(r)
+
+    def _submit_one(self) -> JobRecord:
+        name = f"{self.name}-{next(self._counter)}"
+        record = JobRecord(
+            name=name,
+            walltime_s=self.lifetime_s,
+            worker_names=[f"{name}-{i}" for i in range(self.workers_per_job)],
+        )
+        self.jobs[name] = record  # recorded before submission so close() always sees it
+        try:
+            record.job_id = self._submit(record)
+        except BaseException as exc:
+            record.state = JobState.FAILED
+            record.ended_at = time.time()
+            record.error = f"submission failed: {exc}"
+            self.start_failures += 1
+            self._check_failures(record)
+            raise
+        log.info("submitted job %s (%s)", name, record.job_id)
+        return record
+
+    def _retire(self, r: JobRecord) -> None:
+        if r.state.finished or r.retiring_since is not None:
+            return
+        r.retiring_since = time.monotonic()
+        if r.state == JobState.PENDING or not r.workers_seen:
+            r.cancel_requested = True
+            self._cancel([r])
+        else:
+            try:
+                self._admin.retire_workers([r.name])
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not retire %s gracefully (%s); cancelling it", r.name, exc)
+                r.cancel_requested = True
+                self._cancel([r])
+
+    def _raise_if_failed(self) -> None:
+        if self.error:
+            raise ClusterError(self.error)
+
+    def _check_failures(self, record: JobRecord) -> None:
+        if self.start_failures >= self.max_start_failures and not self.error:
+            self.error = (
+                f"{self.start_failures} jobs in a row failed before any worker connected; "
+                f"not submitting more. Last job {record.name} ({record.job_id or 'not submitted'})"
+                f": {record.error or record.state.value}"
+            )
+            log.error(self.error)
+
+    # ------------------------------------------------------------------ sync loop
+    def _sync_loop(self) -> None:
+        """Poll jobs and schedulers; notice failures; replace jobs while scaled."""
+        while not self._stop_sync.wait(self.poll_interval_s):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - keep syncing; errors are logged
+                log.exception("cluster sync failed")
+
+    def sync(self) -> None:
+        """One round of job polling and reconciliation (also called by tests and adapt)."""
+        with self._lock:
+            if self._closed:
+                return
+            active = [r for r in self.jobs.values() if not r.state.finished and r.job_id]
+            states = self._poll(active) if active else {}
+        infos = self.scheduler_info(max_age=0)
+        seen = {w.get("job") for info in infos for w in info["workers"]}
+        now = time.time()
+        with self._lock:
+            for r in active:
+                new = states.get(r.job_id, r.state)
+                if r.name in seen:
+                    r.workers_seen = True
+                    if new == JobState.PENDING:
+                        new = JobState.RUNNING
+                if new == JobState.RUNNING and r.started_at is None:
+                    r.started_at = now
+                if new.finished and not r.state.finished:
+                    r.ended_at = now
+                    if r.cancel_requested and new != JobState.COMPLETED:
+                        new = JobState.CANCELLED
+                    if not r.workers_seen and not r.cancel_requested:
+                        r.error = f"job ended ({new.value}) before any worker connected"
+                        tail = self._log_tail(r)
+                        if tail:
+                            r.error += f"; end of its log:\n{tail}"
+                        log.warning("job %s: %s", r.name, r.error)
+                        self.start_failures += 1
+                        self._check_failures(r)
+                    elif r.workers_seen:
+                        self.start_failures = 0
+                r.state = new
+                if (
+                    r.retiring_since is not None
+                    and not r.state.finished
+                    and not r.cancel_requested
+                    and time.monotonic() - r.retiring_since > self.retire_timeout_s
+                ):
+                    r.cancel_requested = True
+                    self._cancel([r])
+            self._reconcile()
+
+    # ------------------------------------------------------------------ state
+    def scheduler_info(self, max_age: float = 0.5) -> list[dict[str, Any]]:
+        """Every scheduler's state (cached for ``max_age`` seconds)."""
+        t, cached = self._info_cache
+        if time.monotonic() - t <= max_age and cached:
+            return cached
+        admin = getattr(self, "_admin", None)
+        infos = admin.info(timeout=5.0) if admin is not None else []
+        self._info_cache = (time.monotonic(), infos)
+        return infos
+
+    @property
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """Connected workers by name (as the schedulers see them)."""
+        out: dict[str, dict[str, Any]] = {}
+        for info in self.scheduler_info(max_age=0):
+            for w in info["workers"]:
+                out.setdefault(w["name"], w)
+        return out
+
+    def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
+        """Block until at least ``n`` workers are connected (raise ClusterError on timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._raise_if_failed()
+            have = len(self.workers)
+            if have >= n:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{have} of {n} workers connected after {timeout} s")
+            time.sleep(0.05)  # polling the schedulers
+
+    def snapshot(self) -> Any:
+        """The adaptive policy's view: schedulers' state summed, plus this cluster's jobs."""
+        from ..adaptive import JobView, Snapshot
+
+        now = time.time()
+        with self._lock:
+            jobs = tuple(
+                JobView(
+                    name=r.name,
+                    state=r.state.value,
+                    workers=tuple(r.worker_names),
+                    workers_per_job=self.workers_per_job,
+                    submitted_at=r.submitted_at,
+                    started_at=r.started_at,
+                    walltime_end=(r.started_at + r.walltime_s)
+                    if r.started_at is not None and r.walltime_s
+                    else None,
+                    failed_at_start=bool(r.error) and not r.workers_seen,
+                )
+                for r in self.jobs.values()
+                if not r.state.finished and r.retiring_since is None and not r.cancel_requested
+            )
+        return Snapshot.from_scheduler_info(
+            self.scheduler_info(max_age=0),
+            jobs=list(jobs),
+            workers_per_job=self.workers_per_job,
+            threads_per_worker=self.threads_per_worker,
+            start_failures=self.start_failures,
+            now=now,
+        )
+
+    # ------------------------------------------------------------------ closing
+    def close(self, timeout: float = 20.0) -> None:
+        """Stop adaptivity, cancel every job this cluster submitted, stop the schedulers."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        self._stop_sync.set()
+        if self._sync_thread is not None and self._sync_thread is not threading.current_thread():
+            self._sync_thread.join(timeout)
+        live = [r for r in self.jobs.values() if not r.state.finished and r.job_id]
+        if live:
+            for r in live:
+                r.cancel_requested = True
+            try:
+                self._cancel(live)
+            except Exception as exc:  # noqa: BLE001
+                log.error("could not cancel jobs %s: %s", [r.job_id for r in live], exc)
+            for r in live:
+                r.state = JobState.CANCELLED
+                r.ended_at = time.time()
+        self._stop_schedulers(timeout)
+        admin = getattr(self, "_admin", None)
+        if admin is not None:
+            admin.close()
+        if self._own_dir:
+            shutil.rmtree(self.cluster_dir, ignore_errors=True)
+        _LIVE.discard(self)
+
+    def _stop_schedulers(self, timeout: float) -> None:
+        _terminate(self._scheduler_procs, timeout)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _summary(self) -> dict[str, Any]:
+        states: dict[str, int] = {}
+        for r in self.jobs.values():
+            states[r.state.value] = states.get(r.state.value, 0) + 1
+        try:
+            n_workers = len(self.workers) if not self._closed else 0
+        except Exception:  # noqa: BLE001
+            n_workers = -1
+        return {"schedulers": len(self.scheduler_addresses), "workers": n_workers, "jobs": states}
+
+    def __repr__(self) -> str:
+        s = self._summary()
+        jobs = ", ".join(f"{k.lower()}={v}" for k, v in sorted(s["jobs"].items())) or "none"
+        status = "closed" if self._closed else ("failed" if self.error else "running")
+        return (
+            f"<{type(self).__name__} {self.name} {status}: {s['schedulers']} schedulers, "
+            f"{s['workers']} workers, jobs: {jobs}>"
+        )
+
+    def _repr_html_(self) -> str:
+        import html
+
+        s = self._summary()
+        rows = "".join(
+            f"<tr><td>{html.escape(r.name)}</td><td>{html.escape(r.job_id)}</td>"
+            f"<td>{r.state.value}</td><td>{len(r.worker_names)}</td></tr>"
+            for r in list(self.jobs.values())[-20:]
+        )
+        addrs = "<br>".join(html.escape(a) for a in self.scheduler_addresses)
+        return (
+            f"<div><b>{html.escape(type(self).__name__)}</b> {html.escape(self.name)}"
+            f"<br>Schedulers ({s['schedulers']}):<br>{addrs}<br>Workers: {s['workers']}"
+            f"<table><tr><th>job</th><th>id</th><th>state</th><th>workers</th></tr>{rows}"
+            f"</table></div>"
+        )
+
+
+def _tail(path: str | None, lines: int = 20) -> str:
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 8192))
+        text = f.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _terminate(procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM each process group, wait, then SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # stragglers, and any grandchild left in the group
+        except (ProcessLookupError, PermissionError):
+            pass
+        if p.poll() is None:
+            p.wait(5)
+
+
+def shell_join(argv: Sequence[str]) -> str:
+    return shlex.join(argv)

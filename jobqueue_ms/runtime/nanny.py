@@ -1,0 +1,120 @@
+"""The nanny: runs a worker in a forked child and restarts it if it dies or outgrows its memory.
+
+Forking (instead of starting a second interpreter) keeps worker start-up to one Python start.
+The child exits 0 when it retired or reached its lifetime, 3 on a fatal misconfiguration (such as
+a version mismatch); the nanny stops in both cases and restarts the child otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger("jobqueue_ms.nanny")
+
+KILL_FRACTION = 0.95  # of the memory limit: the child is killed and restarted
+MAX_RAPID_RESTARTS = 5  # restarts within RAPID_WINDOW_S before the nanny gives up
+RAPID_WINDOW_S = 30.0
+
+
+def run_worker(worker_kwargs: dict[str, Any], nanny: bool = True) -> int:
+    """Run a worker (supervised by default); return the exit code for the process."""
+    from .worker import EXIT_FATAL, EXIT_OK, Worker
+
+    if not nanny:
+        worker = Worker(**worker_kwargs)
+        _stop_on_signals(worker)
+        return worker.run()
+
+    stopping = False
+    child = 0
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        if child:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    limit = worker_kwargs.get("memory_limit")
+    if isinstance(limit, str):
+        from ..units import parse_memory
+
+        limit = parse_memory(limit, "memory_limit")
+    restarts: list[float] = []
+    while True:
+        child = os.fork()
+        if child == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                worker = Worker(**worker_kwargs)
+                _stop_on_signals(worker)
+                code = worker.run()
+            except BaseException as exc:  # noqa: BLE001
+                print(f"jobqueue-ms worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        code = _watch(child, limit)
+        child = 0
+        if stopping or code in (EXIT_OK, EXIT_FATAL):
+            return EXIT_OK if stopping else code
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < RAPID_WINDOW_S] + [now]
+        if len(restarts) > MAX_RAPID_RESTARTS:
+            print(
+                f"jobqueue-ms nanny: worker died {len(restarts)} times in {RAPID_WINDOW_S:.0f} s "
+                f"(last exit code {code}); giving up",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"jobqueue-ms nanny: worker exited with code {code}; restarting", file=sys.stderr)
+
+
+def _watch(pid: int, limit: int | None) -> int:
+    """Wait for the child; kill it if its memory passes the limit. Return its exit code."""
+    proc = None
+    if limit:
+        import psutil
+
+        proc = psutil.Process(pid)
+    while True:
+        try:
+            done, status = os.waitpid(pid, 0 if proc is None else os.WNOHANG)
+        except ChildProcessError:
+            return 1
+        except InterruptedError:
+            continue
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        try:
+            rss = proc.memory_info().rss  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - exiting right now
+            rss = 0
+        if limit and rss > KILL_FRACTION * limit:
+            print(
+                f"jobqueue-ms nanny: worker uses {rss} bytes, over {KILL_FRACTION:.0%} of its "
+                f"memory limit ({limit}); restarting it",
+                file=sys.stderr,
+            )
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)  # polling interval of the memory watch (not synchronisation)
+
+
+def _stop_on_signals(worker: Any) -> None:
+    def stop(signum: int, _frame: Any) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)

@@ -1,0 +1,1091 @@
+"""One scheduler: accepts clients and workers, queues tasks, leases them to workers.
+
+Capacity belongs to the workers. A worker grants a scheduler a *lease* of ``n`` slots (and of
+resources such as ``GPU``); the scheduler may send at most that many tasks, and gives unused
+slots back when the worker revokes them. A worker serving several schedulers therefore never
+receives more tasks than it offered, and decides itself how to share its time between them.
+
+The scheduler never unpickles user data: functions, arguments and results are opaque bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .protocol import Kind, ProtocolError, loads_control, pack
+
+log = logging.getLogger("jobqueue_ms.scheduler")
+
+# task states
+WAITING, READY, ASSIGNED, DONE, ERRED, CANCELLED = range(6)
+# result statuses (scheduler -> client)
+R_INLINE, R_REMOTE, R_ERROR, R_FAILED = range(4)
+# done statuses (worker -> scheduler)
+D_INLINE, D_STORED, D_ERROR = range(3)
+
+CLIENT_BITS = 40  # internal key = client index << CLIENT_BITS | client's own key
+
+
+class Task:
+    """A task as the scheduler sees it; slotted to keep ~0.3 kB per queued task."""
+
+    __slots__ = (
+        "key",
+        "client",
+        "fhash",
+        "payload",
+        "deps",
+        "ndeps",
+        "dependents",
+        "priority",
+        "retries",
+        "resources",
+        "state",
+        "worker",
+        "started",
+        "attempts",
+        "result",
+        "where",
+        "wanted",
+    )
+
+    def __init__(
+        self,
+        key: int,
+        client: ClientRecord,
+        fhash: bytes,
+        payload: bytes,
+        priority: int,
+        retries: int,
+        resources: dict[str, float] | None,
+    ) -> None:
+        self.key = key
+        self.client = client
+        self.fhash = fhash
+        self.payload = payload
+        self.deps: list[Any] | None = None  # [(ckey, internal key | external source)]
+        self.ndeps = 0  # inputs not yet available
+        self.dependents: list[Task] | None = None
+        self.priority = priority
+        self.retries = retries
+        self.resources = resources
+        self.state = WAITING
+        self.worker: WorkerRecord | None = None
+        self.started = False
+        self.attempts = 0
+        self.result: Any = None  # inline bytes, (exc bytes, tb) or stored nbytes
+        self.where: WorkerRecord | None = None  # worker that stores the result
+        self.wanted = True  # the client still holds the future
+
+
+class ClientRecord:
+    """A connected client."""
+
+    __slots__ = ("ident", "index", "client_id", "last_seen", "outbox", "ntasks", "name")
+
+    def __init__(self, ident: bytes, index: int, client_id: str, name: str) -> None:
+        self.ident = ident
+        self.index = index
+        self.client_id = client_id
+        self.name = name
+        self.last_seen = time.monotonic()
+        self.outbox: list[tuple[Any, ...]] = []
+        self.ntasks = 0
+
+
+class WorkerRecord:
+    """A connected worker and the slots it has leased to this scheduler."""
+
+    def __init__(self, ident: bytes, hello: dict[str, Any]) -> None:
+        self.ident = ident
+        self.name: str = hello["name"]
+        self.job: str | None = hello.get("job")
+        self.host: str = hello.get("host", "")
+        self.pid: int = hello.get("pid", 0)
+        self.nthreads: int = hello.get("nthreads", 1)
+        self.resources: dict[str, float] = dict(hello.get("resources") or {})
+        self.data_address: str = hello["data_address"]
+        self.memory_limit: int | None = hello.get("memory_limit")
+        self.lifetime_end: float | None = hello.get("lifetime_end")
+        self.lease = 0
+        self.lease_resources: dict[str, float] = {}
+        self.hinted = False
+        self.assigned: set[int] = set()
+        self.holds: set[int] = set()
+        self.last_seen = time.monotonic()
+        self.status: dict[str, Any] = {}
+        self.retiring = False
+
+
+def _default_host() -> str:
+    return "127.0.0.1"
+
+
+class Scheduler:
+    """A jobqueue-ms scheduler.
+
+    Parameters
+    ----------
+    host, port:
+        Where to listen. ``port=0`` picks a free port. The default host is loopback; pass the
+        address of the interface that workers and clients use (never 0.0.0.0 unless told).
+    scheduler_file:
+        Write ``{"address", "addresses", "cluster_id", "protocol"}`` JSON here once listening.
+    cluster_id:
+        Identifies the cluster this scheduler belongs to (written to the scheduler file).
+    heartbeat_interval_s, heartbeat_timeout_s:
+        Peers silent for longer than the timeout are considered dead and their work recovered.
+    max_attempts:
+        A task that was running on this many workers that died fails with KilledWorkerError.
+
+    Examples
+    --------
+    >>> s = Scheduler()
+    >>> address = s.start()       # runs in a background thread
+    >>> s.stop()
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int = 0,
+        *,
+        scheduler_file: str | None = None,
+        cluster_id: str | None = None,
+        heartbeat_interval_s: float | None = None,
+        heartbeat_timeout_s: float | None = None,
+        max_attempts: int = 3,
+        inline_result_limit: int | None = None,
+    ) -> None:
+        self.host = host or _default_host()
+        self.port = port
+        self.scheduler_file = scheduler_file
+        self.cluster_id = cluster_id or uuid.uuid4().hex[:12]
+        self.scheduler_id = uuid.uuid4().hex[:12]
+        self.heartbeat_interval_s = heartbeat_interval_s or float(
+            os.environ.get("JOBQUEUE_MS_HEARTBEAT_INTERVAL", "0.5")
+        )
+        self.heartbeat_timeout_s = heartbeat_timeout_s or float(
+            os.environ.get("JOBQUEUE_MS_HEARTBEAT_TIMEOUT", "10")
+        )
+        self.max_attempts = max_attempts
+        self.address = ""
+        self.tasks: dict[int, Task] = {}
+        self.clients: dict[bytes, ClientRecord] = {}
+        self.workers: dict[bytes, WorkerRecord] = {}
+        self.ready: dict[int, deque[Task]] = {}  # priority -> FIFO of ready tasks
+        self.ready_resourced: list[Task] = []  # ready tasks that need resources
+        self.n_ready = 0
+        self.leased: dict[bytes, WorkerRecord] = {}  # workers with unused lease
+        self.funcs: dict[bytes, list[Any]] = {}  # fhash -> [blob, refcount]
+        self.duration_ewma: float | None = None
+        self.counters = {"tasks_done": 0, "tasks_erred": 0, "dropped_frames": 0, "refused": 0}
+        self._client_index = itertools.count(1)
+        self._refused_peers: dict[bytes, float] = {}
+        self._dirty_clients: set[ClientRecord] = set()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._ctx: zmq.Context[Any] | None = None
+        self._sock: zmq.Socket[Any] | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._handlers: dict[bytes, Callable[[bytes, Any, list[Any]], None]] = {
+            Kind.HELLO: self._on_hello,
+            Kind.HEARTBEAT: self._on_heartbeat,
+            Kind.SUBMIT: self._on_submit,
+            Kind.RELEASE: self._on_release,
+            Kind.CANCEL: self._on_cancel,
+            Kind.SCATTER: self._on_scatter,
+            Kind.LEASE: self._on_lease,
+            Kind.REVOKE: self._on_revoke,
+            Kind.STARTED: self._on_started,
+            Kind.DONE: self._on_done,
+            Kind.MISSING: self._on_missing,
+            Kind.STORED: self._on_stored,
+            Kind.GOODBYE: self._on_goodbye,
+            Kind.RETIRE: self._on_retire,
+            Kind.INFO: self._on_info,
+            Kind.SHUTDOWN: self._on_shutdown,
+        }
+        self._versions = protocol.versions()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> str:
+        """Start serving in a background thread; return the address once listening."""
+        self._thread = threading.Thread(target=self.run, name="jobqueue-ms-scheduler", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+        return self.address
+
+    def run(self) -> None:
+        """Serve until stopped (blocking)."""
+        try:
+            self._bind()
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            raise
+        self._started.set()
+        try:
+            self._loop()
+        finally:
+            self._close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and close the socket."""
+        self._running = False
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _bind(self) -> None:
+        """Bind the ROUTER socket and write the scheduler file."""
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        try:
+            if self.port:
+                sock.bind(f"tcp://{self.host}:{self.port}")
+            else:
+                self.port = sock.bind_to_random_port(f"tcp://{self.host}")
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise OSError(
+                f"scheduler cannot listen on {self.host}:{self.port or 'any port'}: {exc}"
+            ) from None
+        self._sock = sock
+        self.address = f"tcp://{self.host}:{self.port}"
+        self._running = True
+        if self.scheduler_file:
+            write_scheduler_file(self.scheduler_file, [self.address], self.cluster_id)
+        log.info("scheduler %s listening at %s", self.scheduler_id, self.address)
+
+    def _close(self) -> None:
+        """Tell peers we are going and close the socket."""
+        if self._sock is not None:
+            for w in list(self.workers.values()):
+                self._send(w.ident, Kind.GOODBYE, {"scheduler_id": self.scheduler_id})
+            self._sock.close(linger=200)
+            self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        """Receive and dispatch messages; check heartbeats between them."""
+        sock = self._sock
+        assert sock is not None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        next_check = time.monotonic() + self.heartbeat_interval_s
+        recv = sock.recv_multipart
+        handlers = self._handlers
+        while self._running:
+            events = poller.poll(timeout=int(self.heartbeat_interval_s * 1000))
+            if events:
+                for _ in range(1000):  # drain what is queued, then flush in one go
+                    try:
+                        frames = recv(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames, handlers)
+                self._dispatch()
+                self._flush_clients()
+            now = time.monotonic()
+            if now >= next_check:
+                self._check_heartbeats(now)
+                next_check = now + self.heartbeat_interval_s
+
+    def _handle(self, frames: list[Any], handlers: dict[bytes, Any]) -> None:
+        """Decode one message and call its handler; drop and count anything malformed."""
+        try:
+            ident = frames[0].bytes
+            kind = frames[1].bytes
+            handler = handlers.get(kind)
+            if handler is None:
+                raise ProtocolError(f"unknown message kind {kind[:20]!r}")
+            control = loads_control(frames[2].buffer)
+            handler(ident, control, frames[3:])
+        except (ProtocolError, IndexError, KeyError, TypeError, ValueError) as exc:
+            self.counters["dropped_frames"] += 1
+            if self.counters["dropped_frames"] <= 10:
+                log.warning("dropped a malformed message: %s", exc)
+
+    def _send(self, ident: bytes, kind: bytes, control: Any = None, buffers: Any = None) -> None:
+        """Send one message to a peer (never blocks; a vanished peer's messages are dropped)."""
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart([ident, *pack(kind, control, buffers)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ------------------------------------------------------------------ registration
+    def _on_hello(self, ident: bytes, msg: dict[str, Any], _: list[Any]) -> None:
+        """Register a client or worker after checking versions."""
+        role = msg["role"]
+        mismatch = protocol.version_mismatch(self._versions, msg["versions"], role)
+        if mismatch:
+            self.counters["refused"] += 1
+            reason = f"scheduler {self.address} refused {role}: {mismatch}"
+            log.warning(reason)
+            self._send(ident, Kind.REFUSED, {"reason": reason, "versions": self._versions})
+            return
+        welcome = {
+            "scheduler_id": self.scheduler_id,
+            "cluster_id": self.cluster_id,
+            "versions": self._versions,
+            "address": self.address,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+        }
+        if role == "worker":
+            old = self.workers.pop(ident, None)
+            if old is not None:
+                self._remove_worker(old, "re-registered")
+            w = WorkerRecord(ident, msg)
+            self.workers[ident] = w
+            log.info("worker %s registered from %s", w.name, w.host)
+            self._send(ident, Kind.WELCOME, welcome)
+            if self.n_ready:
+                self._nudge(w)
+        elif role == "client":
+            c = self.clients.get(ident)
+            if c is None:
+                c = ClientRecord(ident, next(self._client_index), msg["client_id"], msg["name"])
+                self.clients[ident] = c
+            self._send(ident, Kind.WELCOME, welcome)
+        else:
+            raise ProtocolError(f"unknown role {role!r}")
+
+    def _unknown_peer(self, ident: bytes) -> None:
+        """Ask a peer we do not know (e.g. after our restart) to say hello again, once a second."""
+        now = time.monotonic()
+        if now - self._refused_peers.get(ident, 0.0) > 1.0:
+            self._refused_peers[ident] = now
+            self._send(ident, Kind.REFUSED, {"reason": "unknown peer", "rejoin": True})
+
+    def _on_heartbeat(self, ident: bytes, msg: Any, _: list[Any]) -> None:
+        """Record liveness (and worker status); answer so the peer knows we are alive."""
+        w = self.workers.get(ident)
+        if w is not None:
+            w.last_seen = time.monotonic()
+            if msg:
+                w.status = msg
+        else:
+            c = self.clients.get(ident)
+            if c is None:
+                self._unknown_peer(ident)
+                return
+            c.last_seen = time.monotonic()
+        self._send(ident, Kind.HEARTBEAT, None)
+
+    def _check_heartbeats(self, now: float) -> None:
+        """Remove workers and clients silent for longer than the heartbeat timeout."""
+        limit = now - self.heartbeat_timeout_s
+        for w in [w for w in self.workers.values() if w.last_seen < limit]:
+            log.warning("worker %s missed its heartbeats; recovering its tasks", w.name)
+            self.workers.pop(w.ident, None)
+            self._remove_worker(w, "heartbeat timeout")
+        for c in [c for c in self.clients.values() if c.last_seen < limit]:
+            log.warning("client %s missed its heartbeats; releasing its tasks", c.name)
+            self._remove_client(c)
+        self._dispatch()
+        self._flush_clients()
+
+    # ------------------------------------------------------------------ clients
+    def _client(self, ident: bytes) -> ClientRecord | None:
+        c = self.clients.get(ident)
+        if c is None:
+            self._unknown_peer(ident)
+            return None
+        c.last_seen = time.monotonic()
+        return c
+
+    def _on_submit(self, ident: bytes, msg: dict[str, Any], _: list[Any]) -> None:
+        """Queue a batch of tasks from a client.
+
+        ``msg = {"funcs": {fhash: blob}, "tasks": [(ckey, fhash, payload, deps, priority,
+        retries, resources), ...]}`` where ``deps`` is None or a list of ``(ckey, source)``;
+        ``source`` is None for a task of the same client on this scheduler, or an external
+        location ``("inline", bytes)`` / ``("remote", data_address, storage_id, nbytes)``.
+        """
+        c = self._client(ident)
+        if c is None:
+            return
+        funcs = self.funcs
+        for fhash, blob in msg["funcs"].items():
+            if fhash not in funcs:
+                funcs[fhash] = [blob, 0]
+        base = c.index << CLIENT_BITS
+        tasks = self.tasks
+        for ckey, fhash, payload, deps, priority, retries, resources in msg["tasks"]:
+            key = base | ckey
+            if key in tasks:
+                continue  # a resubmission of a task we still have: exactly once
+            entry = funcs.get(fhash)
+            if entry is None:
+                self._fail_task_direct(c, ckey, "FunctionMissing", "function blob was not sent")
+                continue
+            entry[1] += 1
+            t = Task(key, c, fhash, payload, priority, retries, resources)
+            tasks[key] = t
+            c.ntasks += 1
+            if deps:
+                t.deps = []
+                for dckey, source in deps:
+                    if source is None:
+                        dep = tasks.get(base | dckey)
+                        if dep is None:
+                            self._finish_error(
+                                t, "LostDataError", f"input {dckey} is unknown to this scheduler"
+                            )
+                            break
+                        t.deps.append((dckey, dep.key))
+                        if dep.state == ERRED or dep.state == CANCELLED:
+                            self._finish_error(t, "DependencyError", _dep_failed_text(dep))
+                            break
+                        if dep.state != DONE:
+                            t.ndeps += 1
+                            if dep.dependents is None:
+                                dep.dependents = []
+                            dep.dependents.append(t)
+                    else:
+                        t.deps.append((dckey, tuple(source)))
+                if t.state != WAITING:
+                    continue
+            if t.ndeps == 0:
+                self._make_ready(t)
+
+    def _fail_task_direct(self, c: ClientRecord, ckey: int, etype: str, text: str) -> None:
+        c.outbox.append((ckey, R_FAILED, (etype, text)))
+        self._dirty_clients.add(c)
+
+    def _on_release(self, ident: bytes, msg: list[int], _: list[Any]) -> None:
+        """The client dropped these futures: forget them once nothing else needs them."""
+        c = self._client(ident)
+        if c is None:
+            return
+        base = c.index << CLIENT_BITS
+        tasks = self.tasks
+        for ckey in msg:
+            t = tasks.get(base | ckey)
+            if t is not None:
+                t.wanted = False
+                self._maybe_forget(t)
+
+    def _on_cancel(self, ident: bytes, msg: list[int], _: list[Any]) -> None:
+        """Cancel tasks that have not finished; running ones finish and are discarded."""
+        c = self._client(ident)
+        if c is None:
+            return
+        base = c.index << CLIENT_BITS
+        for ckey in msg:
+            t = self.tasks.get(base | ckey)
+            if t is None or t.state in (DONE, ERRED, CANCELLED):
+                continue
+            if t.state == READY:
+                self._unready(t)
+            t.state = CANCELLED
+            t.wanted = False
+            self._fail_dependents(t)
+            self._maybe_forget(t)
+
+    def _on_scatter(self, ident: bytes, msg: list[tuple[int, bytes]], _: list[Any]) -> None:
+        """Store client data inline under client keys (already finished tasks)."""
+        c = self._client(ident)
+        if c is None:
+            return
+        base = c.index << CLIENT_BITS
+        for ckey, data in msg:
+            key = base | ckey
+            if key in self.tasks:
+                continue
+            t = Task(key, c, b"", b"", 0, 0, None)
+            t.state = DONE
+            t.result = data
+            self.tasks[key] = t
+            c.ntasks += 1
+            c.outbox.append((ckey, R_INLINE, None))
+        self._dirty_clients.add(c)
+
+    def _remove_client(self, c: ClientRecord) -> None:
+        """Release every task of a vanished client."""
+        self.clients.pop(c.ident, None)
+        for t in [t for t in self.tasks.values() if t.client is c]:
+            if t.state == READY:
+                self._unready(t)
+            if t.state in (WAITING, READY):
+                t.state = CANCELLED
+            t.wanted = False
+            t.dependents = None
+            self._maybe_forget(t)
+
+    def _flush_clients(self) -> None:
+        """Send each client its finished tasks in one message."""
+        if not self._dirty_clients:
+            return
+        hint = self.n_ready
+        for c in self._dirty_clients:
+            if c.outbox and c.ident in self.clients:
+                self._send(c.ident, Kind.RESULTS, {"results": c.outbox, "queued": hint})
+            c.outbox = []
+        self._dirty_clients.clear()
+
+    # ------------------------------------------------------------------ task states
+    def _make_ready(self, t: Task) -> None:
+        t.state = READY
+        if t.resources:
+            self.ready_resourced.append(t)
+        else:
+            q = self.ready.get(t.priority)
+            if q is None:
+                q = self.ready[t.priority] = deque()
+            q.append(t)
+        self.n_ready += 1
+
+    def _unready(self, t: Task) -> None:
+        """Take a READY task out of the ready queues (rare: cancel, lost input)."""
+        if t.resources:
+            self.ready_resourced.remove(t)
+        else:
+            self.ready[t.priority].remove(t)
+        self.n_ready -= 1
+        t.state = WAITING
+
+    def _maybe_forget(self, t: Task) -> None:
+        """Drop a task once the client released it and no waiting task needs its result."""
+        if t.wanted or t.dependents or t.state in (READY, ASSIGNED):
+            return
+        if t.state == WAITING and t.ndeps:
+            return
+        if self.tasks.pop(t.key, None) is None:
+            return
+        t.client.ntasks -= 1
+        entry = self.funcs.get(t.fhash)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self.funcs[t.fhash]
+        if t.where is not None:
+            t.where.holds.discard(t.key)
+            self._send(t.where.ident, Kind.RELEASE, [t.key])
+            t.where = None
+        if t.deps:
+            for _, src in t.deps:
+                if type(src) is int:
+                    dep = self.tasks.get(src)
+                    if dep is not None:
+                        self._maybe_forget(dep)
+
+    def _finish_error(self, t: Task, etype: str, text: str) -> None:
+        """Fail a task with a scheduler-side error (killed workers, failed inputs)."""
+        if t.state == READY:
+            self._unready(t)
+        t.state = ERRED
+        t.result = None
+        c = t.client
+        c.outbox.append((t.key & ((1 << CLIENT_BITS) - 1), R_FAILED, (etype, text)))
+        self._dirty_clients.add(c)
+        self._fail_dependents(t)
+        self._maybe_forget(t)
+
+    def _fail_dependents(self, t: Task) -> None:
+        deps = t.dependents
+        t.dependents = None
+        if deps:
+            for d in deps:
+                if d.state in (WAITING, READY):
+                    self._finish_error(d, "DependencyError", _dep_failed_text(t))
+
+    # ------------------------------------------------------------------ leases and dispatch
+    def _worker(self, ident: bytes) -> WorkerRecord | None:
+        w = self.workers.get(ident)
+        if w is None:
+            self._unknown_peer(ident)
+            return None
+        w.last_seen = time.monotonic()
+        return w
+
+    def _on_lease(self, ident: bytes, msg: dict[str, Any], _: list[Any]) -> None:
+        """The worker grants us more slots (and resources)."""
+        w = self._worker(ident)
+        if w is None:
+            return
+        w.lease += msg["n"]
+        for name, amount in (msg.get("resources") or {}).items():
+            w.lease_resources[name] = w.lease_resources.get(name, 0) + amount
+        w.hinted = False
+        if w.lease > 0:
+            self.leased[ident] = w
+        if "status" in msg:
+            w.status = msg["status"]
+
+    def _on_revoke(self, ident: bytes, msg: dict[str, Any], _: list[Any]) -> None:
+        """Give back unused slots (all of them if the worker is retiring or pausing)."""
+        w = self._worker(ident)
+        if w is None:
+            return
+        n = min(msg["n"], w.lease)
+        w.lease -= n
+        res = {}
+        for name, amount in (msg.get("resources") or {}).items():
+            give = min(amount, w.lease_resources.get(name, 0))
+            if give:
+                w.lease_resources[name] -= give
+                res[name] = give
+        if w.lease <= 0:
+            self.leased.pop(ident, None)
+        if msg.get("retiring"):
+            w.retiring = True
+        self._send(ident, Kind.RETURNED, {"n": n, "resources": res, "seq": msg.get("seq")})
+
+    def _nudge(self, w: WorkerRecord) -> None:
+        if not w.hinted and not w.retiring:
+            w.hinted = True
+            self._send(w.ident, Kind.HAVE_WORK, {"n": self.n_ready})
+
+    def _dispatch(self) -> None:
+        """Send ready tasks to workers that hold unused leases, spreading them evenly."""
+        if not self.n_ready:
+            return
+        if self.leased:
+            workers = list(self.leased.values())
+            share = -(-self.n_ready // len(workers))
+            for w in workers:
+                if not self.n_ready:
+                    break
+                batch = self._take(w, min(w.lease, share))
+                if batch:
+                    self._send_tasks(w, batch)
+                if w.lease <= 0:
+                    self.leased.pop(w.ident, None)
+        if self.n_ready:
+            budget = self.n_ready
+            for w in self.workers.values():
+                if budget <= 0:
+                    break
+                if w.lease == 0 and not w.hinted and not w.retiring:
+                    self._nudge(w)
+                    budget -= w.nthreads
+
+    def _take(self, w: WorkerRecord, n: int) -> list[Task]:
+        """Pop up to ``n`` ready tasks that fit the worker's leased resources."""
+        batch: list[Task] = []
+        if self.ready_resourced and w.lease_resources:
+            keep: list[Task] = []
+            for t in self.ready_resourced:
+                if len(batch) < n and _fits(t.resources, w.lease_resources):
+                    for name, amount in t.resources.items():  # type: ignore[union-attr]
+                        w.lease_resources[name] -= amount
+                    batch.append(t)
+                else:
+                    keep.append(t)
+            self.ready_resourced = keep
+        if len(batch) < n and self.ready:
+            for prio in sorted(self.ready, reverse=True):
+                q = self.ready[prio]
+                pop = q.popleft
+                while q and len(batch) < n:
+                    batch.append(pop())
+                if not q:
+                    del self.ready[prio]
+                if len(batch) >= n:
+                    break
+        self.n_ready -= len(batch)
+        w.lease -= len(batch)
+        return batch
+
+    def _send_tasks(self, w: WorkerRecord, batch: list[Task]) -> None:
+        """Send a batch: each task's function blob once, inputs as values or locations."""
+        funcs: dict[bytes, bytes] = {}
+        out = []
+        tasks = self.tasks
+        for t in batch:
+            t.state = ASSIGNED
+            t.worker = w
+            t.started = False
+            w.assigned.add(t.key)
+            if t.fhash not in funcs:
+                funcs[t.fhash] = self.funcs[t.fhash][0]
+            deps = None
+            if t.deps:
+                deps = []
+                for dckey, src in t.deps:
+                    if type(src) is int:
+                        dep = tasks[src]
+                        if dep.where is not None:
+                            if dep.where is w:
+                                deps.append((dckey, ("local", dep.key)))
+                            else:
+                                deps.append(
+                                    (
+                                        dckey,
+                                        (
+                                            "remote",
+                                            dep.where.data_address,
+                                            (self.scheduler_id, dep.key),
+                                            dep.result,
+                                        ),
+                                    )
+                                )
+                        else:
+                            deps.append((dckey, ("inline", dep.result)))
+                    else:
+                        deps.append((dckey, src))
+            out.append((t.key, t.fhash, t.payload, deps, t.resources))
+        self._send(w.ident, Kind.TASKS, {"tasks": out, "funcs": funcs, "more": self.n_ready})
+
+    # ------------------------------------------------------------------ results
+    def _on_started(self, ident: bytes, msg: list[int], _: list[Any]) -> None:
+        """Mark tasks as running (they are blamed if the worker dies now)."""
+        w = self._worker(ident)
+        if w is None:
+            return
+        tasks = self.tasks
+        for key in msg:
+            t = tasks.get(key)
+            if t is not None and t.worker is w:
+                t.started = True
+
+    def _on_done(self, ident: bytes, msg: dict[str, Any], _: list[Any]) -> None:
+        """Record finished tasks, notify clients, release dependents, return resources."""
+        w = self._worker(ident)
+        if w is None:
+            return
+        if "status" in msg:
+            w.status = msg["status"]
+        tasks = self.tasks
+        dirty = self._dirty_clients
+        ewma = self.duration_ewma
+        lease_back = msg.get("lease", 0)
+        for key, status, value, duration in msg["done"]:
+            w.assigned.discard(key)
+            t = tasks.get(key)
+            ewma = duration if ewma is None else 0.95 * ewma + 0.05 * duration
+            if t is None or t.worker is not w or t.state != ASSIGNED:
+                if status == D_STORED:  # nobody needs it any more
+                    self._send(ident, Kind.RELEASE, [key])
+                continue
+            t.worker = None
+            c = t.client
+            ckey = key & ((1 << CLIENT_BITS) - 1)
+            if status == D_ERROR:
+                if t.retries > 0:
+                    t.retries -= 1
+                    self._make_ready(t)
+                    continue
+                t.state = ERRED
+                t.result = value
+                c.outbox.append((ckey, R_ERROR, value))
+                dirty.add(c)
+                self.counters["tasks_erred"] += 1
+                self._fail_dependents(t)
+                self._maybe_forget(t)
+                continue
+            t.state = DONE
+            self.counters["tasks_done"] += 1
+            if status == D_INLINE:
+                t.result = value
+                if t.wanted:
+                    c.outbox.append((ckey, R_INLINE, value))
+                    dirty.add(c)
+            else:
+                t.result = value  # nbytes
+                t.where = w
+                w.holds.add(key)
+                if t.wanted:
+                    c.outbox.append(
+                        (ckey, R_REMOTE, (w.data_address, (self.scheduler_id, key), value))
+                    )
+                    dirty.add(c)
+            deps = t.dependents
+            if deps:
+                t.dependents = None
+                for d in deps:
+                    d.ndeps -= 1
+                    if d.ndeps == 0 and d.state == WAITING:
+                        self._make_ready(d)
+            if t.payload and not t.wanted and t.where is None:
+                self._maybe_forget(t)
+            elif not t.wanted:
+                self._maybe_forget(t)
+        self.duration_ewma = ewma
+        if lease_back:
+            w.lease += lease_back
+            self.leased[ident] = w
+        for name, amount in (msg.get("resources") or {}).items():
+            w.lease_resources[name] = w.lease_resources.get(name, 0) + amount
+
+    def _on_missing(self, ident: bytes, msg: dict[str, Any], _: list[Any]) -> None:
+        """A worker could not fetch an input: recover the input, then rerun the task."""
+        w = self._worker(ident)
+        if w is None:
+            return
+        for key, dep_key in msg["missing"]:
+            w.assigned.discard(key)
+            t = self.tasks.get(key)
+            if t is None or t.worker is not w:
+                continue
+            t.worker = None
+            t.state = WAITING
+            dep = self.tasks.get(dep_key)
+            if dep is None or dep.state != DONE:
+                self._finish_error(t, "LostDataError", f"input {dep_key} is no longer available")
+                continue
+            holder = dep.where
+            if holder is not None and holder.ident in self.workers:
+                # the holder is alive but lost the value (e.g. restarted); recompute it
+                holder.holds.discard(dep.key)
+            self._recompute(dep, reason=f"input lost on {holder.name if holder else '?'}")
+            t.ndeps += 1
+            if dep.dependents is None:
+                dep.dependents = []
+            dep.dependents.append(t)
+
+    def _on_stored(self, ident: bytes, msg: list[int], _: list[Any]) -> None:
+        """A worker now holds replicas of these keys (after REPLICATE during a retirement)."""
+        w = self._worker(ident)
+        if w is None:
+            return
+        for key in msg:
+            t = self.tasks.get(key)
+            if t is None or t.state != DONE:
+                self._send(ident, Kind.RELEASE, [key])
+                continue
+            old = t.where
+            t.where = w
+            w.holds.add(key)
+            if old is not None and old is not w:
+                old.holds.discard(key)
+                self._send(old.ident, Kind.RELEASE, [key])
+                if t.wanted:
+                    ckey = key & ((1 << CLIENT_BITS) - 1)
+                    t.client.outbox.append(
+                        (ckey, R_REMOTE, (w.data_address, (self.scheduler_id, key), t.result))
+                    )
+                    self._dirty_clients.add(t.client)
+                if old.retiring and not old.holds:
+                    self._send(old.ident, Kind.GOODBYE, {"scheduler_id": self.scheduler_id})
+
+    # ------------------------------------------------------------------ worker loss and retirement
+    def _recompute(self, t: Task, reason: str) -> None:
+        """Run a finished task again because its stored result was lost."""
+        if t.where is not None:
+            t.where.holds.discard(t.key)
+            t.where = None
+        if not t.payload:  # scattered data cannot be recomputed
+            self._finish_error(t, "LostDataError", f"scattered data lost: {reason}")
+            return
+        t.state = WAITING
+        t.result = None
+        pending = 0
+        if t.deps:
+            for _, src in t.deps:
+                if type(src) is int:
+                    dep = self.tasks.get(src)
+                    if dep is None:
+                        self._finish_error(t, "LostDataError", f"inputs of a lost result: {reason}")
+                        return
+                    if dep.state != DONE or (dep.where is None and dep.result is None):
+                        if dep.state == DONE:
+                            self._recompute(dep, reason)
+                        pending += 1
+                        if dep.dependents is None:
+                            dep.dependents = []
+                        dep.dependents.append(t)
+        t.ndeps = pending
+        if pending == 0:
+            self._make_ready(t)
+
+    def _remove_worker(self, w: WorkerRecord, reason: str) -> None:
+        """Recover a gone worker's tasks and lost results."""
+        self.leased.pop(w.ident, None)
+        for key in list(w.assigned):
+            t = self.tasks.get(key)
+            if t is None or t.worker is not w:
+                continue
+            t.worker = None
+            if t.started:
+                t.attempts += 1
+                if t.attempts >= self.max_attempts:
+                    self._finish_error(
+                        t,
+                        "KilledWorkerError",
+                        f"task was running on {t.attempts} workers that died "
+                        f"(last: {w.name} on {w.host}, {reason})",
+                    )
+                    continue
+            self._make_ready(t)
+        w.assigned.clear()
+        for key in list(w.holds):
+            t = self.tasks.get(key)
+            if t is None:
+                continue
+            t.where = None
+            if t.wanted or t.dependents:
+                self._recompute(t, reason=f"worker {w.name} lost ({reason})")
+            else:
+                self._maybe_forget(t)
+        w.holds.clear()
+
+    def _on_goodbye(self, ident: bytes, msg: Any, _: list[Any]) -> None:
+        """A worker leaves after retiring, or a client closes."""
+        w = self.workers.pop(ident, None)
+        if w is not None:
+            log.info("worker %s left", w.name)
+            self._remove_worker(w, "retired")
+            return
+        c = self.clients.get(ident)
+        if c is not None:
+            self._remove_client(c)
+
+    def _on_retire(self, ident: bytes, msg: dict[str, Any], _: list[Any]) -> None:
+        """Admin: retire workers by name; a worker asks: move its stored results elsewhere."""
+        w = self.workers.get(ident)
+        if w is not None:  # the worker itself: it drained and now hands off its data
+            w.retiring = True
+            self.leased.pop(ident, None)
+            self._hand_off(w)
+            return
+        names = set(msg["names"])
+        for w in self.workers.values():
+            if w.name in names or (w.job is not None and w.job in names):
+                self._send(w.ident, Kind.RETIRE, {"scheduler_id": self.scheduler_id})
+        self._send(ident, Kind.RETIRE, {"ok": True})
+
+    def _hand_off(self, w: WorkerRecord) -> None:
+        """Replicate a retiring worker's needed results to other workers, then say goodbye."""
+        targets = [
+            x for x in self.workers.values() if x is not w and not x.retiring and x.data_address
+        ]
+        needed = [k for k in w.holds if (t := self.tasks.get(k)) and (t.wanted or t.dependents)]
+        if not needed or not targets:
+            for key in list(w.holds):
+                t = self.tasks.get(key)
+                if t is not None and t.where is w and (t.wanted or t.dependents):
+                    self._recompute(t, reason=f"worker {w.name} retired with no other worker")
+            w.holds.clear()
+            self._send(w.ident, Kind.GOODBYE, {"scheduler_id": self.scheduler_id})
+            return
+        for i, key in enumerate(needed):
+            target = targets[i % len(targets)]
+            self._send(
+                target.ident,
+                Kind.REPLICATE,
+                {"keys": [(key, w.data_address, (self.scheduler_id, key))]},
+            )
+
+    # ------------------------------------------------------------------ admin
+    def _on_info(self, ident: bytes, msg: Any, _: list[Any]) -> None:
+        """Report state for the cluster, the adaptive policy and users."""
+        self._send(ident, Kind.INFO, self.info())
+
+    def info(self) -> dict[str, Any]:
+        """Return this scheduler's state (the format in docs/CONTRACTS.md)."""
+        waiting = running = 0
+        for t in self.tasks.values():
+            if t.state == WAITING:
+                waiting += 1
+            elif t.state == ASSIGNED:
+                running += 1
+        workers = []
+        for w in self.workers.values():
+            st = w.status
+            workers.append(
+                {
+                    "name": w.name,
+                    "job": w.job,
+                    "host": w.host,
+                    "pid": w.pid,
+                    "nthreads": w.nthreads,
+                    "resources": w.resources,
+                    "data_address": w.data_address,
+                    "running": len(w.assigned),
+                    "memory_bytes": st.get("memory", 0),
+                    "memory_limit_bytes": w.memory_limit,
+                    "idle_s": st.get("idle_s", 0.0),
+                    "stored_bytes": st.get("stored_bytes", 0),
+                    "status": "retiring" if w.retiring else st.get("state", "running"),
+                    "lifetime_end": w.lifetime_end,
+                    "peak_running": st.get("peak_running", 0),
+                    "executed": st.get("executed", {}),
+                }
+            )
+        return {
+            "scheduler_id": self.scheduler_id,
+            "address": self.address,
+            "cluster_id": self.cluster_id,
+            "time": time.time(),
+            "versions": self._versions,
+            "tasks": {"ready": self.n_ready, "waiting": waiting, "running": running},
+            "tasks_total": len(self.tasks),
+            "task_duration_s": self.duration_ewma,
+            "clients": len(self.clients),
+            "counters": dict(self.counters),
+            "workers": workers,
+        }
+
+    def _on_shutdown(self, ident: bytes, msg: Any, _: list[Any]) -> None:
+        """Admin: stop this scheduler."""
+        self._send(ident, Kind.SHUTDOWN, {"ok": True})
+        self._running = False
+
+
+def _fits(need: dict[str, float] | None, have: dict[str, float]) -> bool:
+    return all(have.get(k, 0) >= v for k, v in (need or {}).items())
+
+
+def _dep_failed_text(dep: Task) -> str:
+    return f"an input task ({dep.key & ((1 << CLIENT_BITS) - 1)}) failed or was cancelled"
+
+
+def write_scheduler_file(path: str, addresses: list[str], cluster_id: str) -> None:
+    """Write a scheduler file atomically (readers never see half a file)."""
+    data = {
+        "protocol": protocol.PROTOCOL_VERSION,
+        "cluster_id": cluster_id,
+        "address": addresses[0],
+        "addresses": list(addresses),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_scheduler_file(path: str) -> dict[str, Any]:
+    """Read a scheduler file; raise ValueError naming the file if it is not one."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        addresses = data.get("addresses") or [data["address"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"scheduler_file={path!r} is not a jobqueue-ms scheduler file: {exc}"
+        ) from None
+    if data.get("protocol") != protocol.PROTOCOL_VERSION:
+        raise ValueError(
+            f"scheduler_file={path!r} is for protocol {data.get('protocol')!r}; "
+            f"this jobqueue-ms speaks {protocol.PROTOCOL_VERSION}"
+        )
+    data["addresses"] = list(addresses)
+    return data

@@ -1,0 +1,950 @@
+"""One worker: serves every scheduler it is given and runs their tasks in a thread pool.
+
+The worker owns its capacity (``nthreads`` slots plus a small, adaptive prefetch) and *leases*
+slots to schedulers. The sum of what is leased out, queued and running never exceeds that
+capacity, so serving N schedulers never means running more than ``nthreads`` tasks at once.
+
+Sharing: free slots go first to schedulers that say they have ready work, the one that used the
+least worker time recently first (decayed busy-seconds), so two saturated schedulers get equal
+shares. An idle worker *parks* single slots at idle schedulers so a new task starts without a
+round trip; a parked slot is revoked when another scheduler has work.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import os
+import pickle
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .protocol import Kind, ProtocolError, dumps_user, loads_control, pack
+
+log = logging.getLogger("jobqueue_ms.worker")
+
+D_INLINE, D_STORED, D_ERROR = range(3)
+EXIT_OK = 0  # retired or lifetime reached: do not restart
+EXIT_FATAL = 3  # misconfiguration (e.g. version mismatch): do not restart
+PREFETCH_WINDOW_S = 0.002  # queue at most this much work per thread beyond the running tasks
+MAX_PREFETCH_PER_THREAD = 256
+USAGE_HALF_LIFE_S = 2.0
+
+
+class _SchedulerLink:
+    """The worker's view of one scheduler: socket, lease, work hint, recent usage."""
+
+    def __init__(self, index: int, address: str, sock: zmq.Socket[Any]) -> None:
+        self.index = index
+        self.address = address
+        self.sock = sock
+        self.scheduler_id: str | None = None
+        self.state = "connecting"  # connecting | ready | lost
+        self.lease = 0  # slots granted and not yet used or returned
+        self.lease_resources: dict[str, float] = {}
+        self.has_work = 0
+        self.revoking = False
+        self.usage = 0.0  # decayed busy seconds spent on this scheduler's tasks
+        self.usage_t = time.monotonic()
+        self.last_recv = time.monotonic()
+        self.last_send = 0.0
+        self.last_hello = 0.0
+        self.done: list[tuple[Any, ...]] = []
+        self.started: list[int] = []
+        self.goodbye = False
+        self.pending_grant: tuple[int, dict[str, float]] | None = None
+
+    def decayed_usage(self, now: float) -> float:
+        self.usage *= 0.5 ** ((now - self.usage_t) / USAGE_HALF_LIFE_S)
+        self.usage_t = now
+        return self.usage
+
+
+class _Item:
+    """A task inside the worker."""
+
+    __slots__ = ("link", "key", "func", "payload", "deps", "resources", "waiting", "values")
+
+    def __init__(
+        self,
+        link: _SchedulerLink,
+        key: int,
+        func: Any,
+        payload: bytes,
+        deps: Any,
+        resources: dict[str, float] | None,
+    ) -> None:
+        self.link = link
+        self.key = key
+        self.func = func
+        self.payload = payload
+        self.deps = deps
+        self.resources = resources
+        self.waiting = 0  # remote inputs not fetched yet
+        self.values: dict[int, Any] = {}
+
+
+class _ArgsUnpickler(pickle.Unpickler):
+    """Loads a task's arguments, substituting its inputs for the client's future references."""
+
+    def __init__(self, data: bytes, values: dict[int, Any]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._values = values
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._values[pid[1]]
+
+
+class Worker:
+    """A jobqueue-ms worker.
+
+    Parameters
+    ----------
+    schedulers:
+        Addresses (``tcp://host:port``) of every scheduler to serve.
+    nthreads:
+        Tasks run at most this many at a time, across all schedulers.
+    memory_limit:
+        Bytes (or "4GiB"). At 80 % the worker pauses: it takes no new work until below 70 %.
+    name, job:
+        How the worker is known to schedulers and to the cluster that started it.
+    resources:
+        Abstract resources, e.g. ``{"GPU": 2}``; tasks that ask for them are leased accordingly.
+    lifetime:
+        Seconds until the worker drains and leaves by itself (a job's walltime, minus margin).
+    host:
+        Address to bind the data port to (what peers and clients connect to).
+    """
+
+    def __init__(
+        self,
+        schedulers: list[str],
+        nthreads: int = 1,
+        memory_limit: int | str | None = None,
+        name: str | None = None,
+        job: str | None = None,
+        resources: dict[str, float] | None = None,
+        lifetime: float | None = None,
+        host: str | None = None,
+        heartbeat_interval_s: float | None = None,
+        heartbeat_timeout_s: float | None = None,
+        inline_result_limit: int = 64 * 1024,
+    ) -> None:
+        from ..units import parse_memory
+
+        if not schedulers:
+            raise ValueError("a worker needs at least one scheduler address (tcp://host:port)")
+        if nthreads < 1:
+            raise ValueError(f"nthreads={nthreads!r} must be a positive integer")
+        self.scheduler_addresses = list(dict.fromkeys(schedulers))
+        self.nthreads = nthreads
+        self.memory_limit = (
+            parse_memory(memory_limit, "memory_limit") if memory_limit is not None else None
+        )
+        self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
+        self.job = job
+        self.resources = dict(resources or {})
+        self.lifetime_end = time.time() + lifetime if lifetime else None
+        self.host = host or "127.0.0.1"
+        self.heartbeat_interval_s = heartbeat_interval_s or float(
+            os.environ.get("JOBQUEUE_MS_HEARTBEAT_INTERVAL", "0.5")
+        )
+        self.heartbeat_timeout_s = heartbeat_timeout_s or float(
+            os.environ.get("JOBQUEUE_MS_HEARTBEAT_TIMEOUT", "10")
+        )
+        self.inline_result_limit = inline_result_limit
+        self.exit_code = EXIT_OK
+        self.data_address = ""
+        self.store: dict[tuple[str, int], Any] = {}
+        self.store_nbytes: dict[tuple[str, int], int] = {}
+        self._links: list[_SchedulerLink] = []
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._results: deque[tuple[Any, ...]] = deque()
+        self._started: deque[tuple[_SchedulerLink, int]] = deque()
+        self._queued = 0  # in _queue or being fetched
+        self._active = 0  # tasks executing right now (exact; under _active_lock)
+        self._active_lock = threading.Lock()
+        self._peak_running = 0
+        self._executed: dict[str, int] = {}
+        self._res_used: dict[str, float] = {}
+        self._duration = 0.0  # EWMA of task durations; 0 = unknown
+        self._funcs: dict[bytes, Any] = {}
+        self._fetching: dict[int, tuple[Any, list[_Item], list[tuple[str, int]], float]] = {}
+        self._peers: dict[str, zmq.Socket[Any]] = {}
+        self._req = itertools.count(1)
+        self._wake_pending = False
+        self._stop = False
+        self._retiring = False
+        self._paused = False
+        self._retire_deadline = 0.0
+        self._retire_sent = False
+        self._last_busy = time.monotonic()
+        self._memory = 0
+        self._proc: Any = None
+        self._handlers = {
+            Kind.WELCOME: self._on_welcome,
+            Kind.REFUSED: self._on_refused,
+            Kind.HEARTBEAT: lambda link, msg, bufs: None,
+            Kind.TASKS: self._on_tasks,
+            Kind.HAVE_WORK: self._on_have_work,
+            Kind.RETURNED: self._on_returned,
+            Kind.RELEASE: self._on_release,
+            Kind.REPLICATE: self._on_replicate,
+            Kind.RETIRE: self._on_retire,
+            Kind.GOODBYE: self._on_goodbye,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        """Serve until retired, expired or stopped; return the process exit code."""
+        self._ctx = zmq.Context()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._data = self._ctx.socket(zmq.ROUTER)
+        self._data.setsockopt(zmq.LINGER, 0)
+        port = self._data.bind_to_random_port(f"tcp://{self.host}")
+        self.data_address = f"tcp://{self.host}:{port}"
+        self._poller = zmq.Poller()
+        self._poller.register(self._data, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._sock_link: dict[Any, _SchedulerLink] = {}
+        for i, address in enumerate(self.scheduler_addresses):
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(address)
+            link = _SchedulerLink(i, address, sock)
+            self._links.append(link)
+            self._sock_link[sock] = link
+            self._poller.register(sock, zmq.POLLIN)
+        threads = [
+            threading.Thread(target=self._execute_loop, name=f"jqms-exec-{i}", daemon=True)
+            for i in range(self.nthreads)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except ImportError:  # pragma: no cover
+            self._proc = None
+        try:
+            self._loop()
+        finally:
+            for _ in threads:
+                self._queue.put(None)
+            for link in self._links:
+                if link.state == "ready":
+                    self._send(link, Kind.GOODBYE, {"name": self.name})
+            for s in [*self._peers.values(), *(lk.sock for lk in self._links), self._data]:
+                s.close(linger=100)
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        return self.exit_code
+
+    def stop(self) -> None:
+        """Stop at once (tasks in flight are recovered by the schedulers)."""
+        self._stop = True
+        self._wake()
+
+    def retire(self) -> None:
+        """Drain: stop taking work, finish, hand off stored results, leave every scheduler."""
+        if not self._retiring:
+            log.info("worker %s retiring", self.name)
+            self._retiring = True
+            self._retire_deadline = time.monotonic() + max(60.0, 3 * self.heartbeat_timeout_s)
+
+    # ------------------------------------------------------------------ I/O loop
+    def _loop(self) -> None:
+        """Receive messages, collect results, rebalance leases, send; check timers."""
+        poll = self._poller.poll
+        interval_ms = int(self.heartbeat_interval_s * 1000)
+        next_tick = 0.0
+        while not self._stop:
+            events = poll(timeout=interval_ms if not self._results else 0)
+            for sock, _ in events:
+                if sock == self._wake_r:
+                    self._wake_pending = False
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                self._drain_socket(sock)
+            self._collect()
+            self._rebalance()
+            self._flush()
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = now + self.heartbeat_interval_s
+            if self._retiring and self._retire_step(now):
+                break
+
+    def _drain_socket(self, sock: Any) -> None:
+        """Handle every message waiting on one socket."""
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                if sock is self._data:
+                    self._on_data_request(frames)
+                    continue
+                link = self._sock_link.get(sock)
+                if link is None:
+                    self._on_peer_data(sock, frames)
+                    continue
+                link.last_recv = time.monotonic()
+                kind = frames[0].bytes
+                handler = self._handlers.get(kind)
+                if handler is None:
+                    raise ProtocolError(f"unknown message kind {kind[:20]!r}")
+                handler(link, loads_control(frames[1].buffer), frames[2:])
+            except (ProtocolError, IndexError, KeyError, TypeError, ValueError) as exc:
+                log.warning("dropped a malformed message: %s", exc)
+
+    def _send(self, link: _SchedulerLink, kind: bytes, control: Any = None) -> bool:
+        try:
+            link.sock.send_multipart(pack(kind, control), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        link.last_send = time.monotonic()
+        return True
+
+    def _wake(self) -> None:
+        """Wake the I/O loop from an executor thread (once per batch of results)."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ registration
+    def _hello(self, link: _SchedulerLink, now: float) -> None:
+        link.last_hello = now
+        self._send(
+            link,
+            Kind.HELLO,
+            {
+                "role": "worker",
+                "versions": protocol.versions(),
+                "name": self.name,
+                "job": self.job,
+                "host": self.host,
+                "pid": os.getpid(),
+                "nthreads": self.nthreads,
+                "resources": self.resources,
+                "data_address": self.data_address,
+                "memory_limit": self.memory_limit,
+                "lifetime_end": self.lifetime_end,
+            },
+        )
+
+    def _on_welcome(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
+        """Registered: start with a clean lease."""
+        if link.scheduler_id and link.scheduler_id != msg["scheduler_id"]:
+            self._forget_scheduler(link, "scheduler restarted")
+        link.scheduler_id = msg["scheduler_id"]
+        link.state = "ready"
+        link.lease = 0
+        link.lease_resources = {}
+        link.revoking = False
+        log.info("worker %s registered with %s", self.name, link.address)
+
+    def _on_refused(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
+        """Rejoin a restarted scheduler, or stop on a version mismatch."""
+        if msg.get("rejoin"):
+            if link.state == "ready":
+                self._forget_scheduler(link, "scheduler forgot us")
+            link.state = "connecting"
+            link.last_hello = 0.0
+            return
+        log.error("%s", msg.get("reason"))
+        print(f"jobqueue-ms worker: {msg.get('reason')}", file=sys.stderr)
+        self.exit_code = EXIT_FATAL
+        self._stop = True
+
+    def _on_goodbye(self, link: _SchedulerLink, msg: Any, _: Any) -> None:
+        """The scheduler finished our hand-off, or is shutting down."""
+        if self._retiring:
+            link.goodbye = True
+            return
+        self._forget_scheduler(link, "scheduler said goodbye")
+        link.state = "lost"
+
+    def _forget_scheduler(self, link: _SchedulerLink, reason: str) -> None:
+        """Drop a gone scheduler's lease, queued work and stored results (others continue)."""
+        log.warning("worker %s: lost scheduler %s (%s)", self.name, link.address, reason)
+        link.lease = 0
+        link.lease_resources = {}
+        link.has_work = 0
+        link.revoking = False
+        link.done.clear()
+        link.started.clear()
+        sid = link.scheduler_id
+        for k in [k for k in self.store if k[0] == sid]:
+            self.store.pop(k, None)
+            self.store_nbytes.pop(k, None)
+        link.scheduler_id = None
+
+    # ------------------------------------------------------------------ leases
+    def _capacity(self) -> int:
+        """Slots: threads plus a prefetch sized to ~2 ms of work per thread."""
+        d = self._duration
+        if d <= 0:
+            prefetch = 1
+        elif d >= PREFETCH_WINDOW_S:
+            prefetch = 0
+        else:
+            prefetch = min(MAX_PREFETCH_PER_THREAD, int(PREFETCH_WINDOW_S / d))
+        return self.nthreads * (1 + prefetch)
+
+    def _rebalance(self) -> None:
+        """Grant free slots to schedulers with work, fairly; park idle slots; revoke parked ones."""
+        links = [lk for lk in self._links if lk.state == "ready"]
+        if not links:
+            return
+        if self._retiring or self._paused:
+            for lk in links:
+                if (lk.lease or lk.lease_resources) and not lk.revoking:
+                    lk.revoking = True
+                    self._send(
+                        lk,
+                        Kind.REVOKE,
+                        {
+                            "n": lk.lease,
+                            "resources": lk.lease_resources,
+                            "retiring": self._retiring,
+                        },
+                    )
+            return
+        in_use = self._queued
+        leased = sum(lk.lease for lk in links)
+        free = self._capacity() - in_use - leased
+        wanting = [lk for lk in links if lk.has_work > 0 and not lk.revoking]
+        if free <= 0:
+            if wanting and not any(lk.lease for lk in wanting):
+                # someone has work but every free slot is parked at idle schedulers
+                for lk in links:
+                    if lk.lease and lk.has_work == 0 and not lk.revoking:
+                        lk.revoking = True
+                        self._send(
+                            lk, Kind.REVOKE, {"n": lk.lease, "resources": lk.lease_resources}
+                        )
+            return
+        res_free = self._resources_free(links)
+        now = time.monotonic()
+        if wanting:
+            grants: dict[int, int] = {}
+            if len(wanting) == 1:
+                grants[wanting[0].index] = free
+            else:
+                load = {lk.index: lk.decayed_usage(now) for lk in wanting}
+                unit = self._duration or 0.001
+                for _ in range(min(free, 4096)):
+                    i = min(load, key=load.__getitem__)
+                    grants[i] = grants.get(i, 0) + 1
+                    load[i] += unit
+                if free > 4096:
+                    i = min(load, key=load.__getitem__)
+                    grants[i] += free - 4096
+            for lk in wanting:
+                n = grants.get(lk.index, 0)
+                res = self._split_resources(res_free, lk, len(wanting))
+                if n or res:
+                    self._grant(lk, n, res)
+        elif in_use == 0:
+            # idle: park one slot at each idle scheduler that has none, so work starts at once
+            for lk in links:
+                if free <= 0:
+                    break
+                if lk.lease == 0 and not lk.revoking:
+                    self._grant(lk, 1, {})
+                    free -= 1
+            if res_free:
+                for lk in links:
+                    if not lk.lease_resources and not lk.revoking:
+                        self._grant(lk, 0, self._split_resources(res_free, lk, len(links)))
+                        break
+
+    def _resources_free(self, links: list[_SchedulerLink]) -> dict[str, float]:
+        free = {}
+        for name, total in self.resources.items():
+            leased = sum(lk.lease_resources.get(name, 0) for lk in links)
+            left = total - self._res_used.get(name, 0) - leased
+            if left > 0:
+                free[name] = left
+        return free
+
+    def _split_resources(
+        self, res_free: dict[str, float], lk: _SchedulerLink, n_links: int
+    ) -> dict[str, float]:
+        """Give a scheduler its share of free resources (whole units)."""
+        res = {}
+        for name, left in list(res_free.items()):
+            share = max(1.0, float(int(left / n_links))) if n_links > 1 else left
+            share = min(share, left)
+            if share > 0:
+                res[name] = share
+                res_free[name] = left - share
+                if res_free[name] <= 0:
+                    del res_free[name]
+        return res
+
+    def _grant(self, lk: _SchedulerLink, n: int, res: dict[str, float]) -> None:
+        """Lease slots to a scheduler (piggybacked on a DONE message when one is pending)."""
+        lk.lease += n
+        for name, amount in res.items():
+            lk.lease_resources[name] = lk.lease_resources.get(name, 0) + amount
+        if lk.done:
+            prev_n, prev_res = lk.pending_grant or (0, {})
+            merged = dict(prev_res)
+            for name, amount in res.items():
+                merged[name] = merged.get(name, 0) + amount
+            lk.pending_grant = (prev_n + n, merged)
+        else:
+            self._send(lk, Kind.LEASE, {"n": n, "resources": res})
+
+    def _on_have_work(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
+        link.has_work = msg["n"]
+
+    def _on_returned(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
+        """Slots given back after a revoke."""
+        link.lease -= msg["n"]
+        for name, amount in (msg.get("resources") or {}).items():
+            link.lease_resources[name] = link.lease_resources.get(name, 0) - amount
+            if link.lease_resources[name] <= 0:
+                del link.lease_resources[name]
+        link.revoking = False
+
+    # ------------------------------------------------------------------ tasks
+    def _on_tasks(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
+        """Accept tasks sent against our lease; fetch remote inputs; queue for the threads."""
+        tasks = msg["tasks"]
+        link.lease -= len(tasks)
+        link.has_work = msg["more"]
+        funcs = self._funcs
+        for fhash, blob in msg["funcs"].items():
+            if fhash not in funcs:
+                try:
+                    funcs[fhash] = protocol.loads_user(blob)
+                except Exception as exc:  # noqa: BLE001 - reported per task below
+                    funcs[fhash] = _Unloadable(exc)
+                if len(funcs) > 512:
+                    funcs.pop(next(iter(funcs)))
+        sid = link.scheduler_id
+        for key, fhash, payload, deps, resources in tasks:
+            if resources:
+                for name, amount in resources.items():
+                    link.lease_resources[name] = link.lease_resources.get(name, 0) - amount
+                    self._res_used[name] = self._res_used.get(name, 0) + amount
+            func = funcs.get(fhash)
+            item = _Item(link, key, func, payload, deps, resources)
+            self._queued += 1
+            if deps:
+                self._resolve_inputs(item, sid)
+                if item.waiting:
+                    continue
+            self._queue.put(item)
+
+    def _resolve_inputs(self, item: _Item, sid: str | None) -> None:
+        """Find each input locally or start fetching it from the worker that holds it."""
+        by_peer: dict[str, list[tuple[int, tuple[str, int]]]] = {}
+        for ckey, src in item.deps:
+            kind = src[0]
+            if kind == "inline":
+                item.values[ckey] = _Inline(src[1])
+            elif kind == "local":
+                skey = (sid, src[1])
+                if skey in self.store:
+                    item.values[ckey] = self.store[skey]
+                else:
+                    self._missing(item, src[1])
+                    return
+            else:  # ("remote", address, storage id, nbytes)
+                skey = tuple(src[2])
+                if skey in self.store:
+                    item.values[ckey] = self.store[skey]
+                else:
+                    by_peer.setdefault(src[1], []).append((ckey, skey))
+        for address, wanted in by_peer.items():
+            item.waiting += 1
+            self._fetch(address, wanted, item)
+
+    def _fetch(self, address: str, wanted: list[tuple[int, Any]], item: _Item | None) -> None:
+        """Ask a peer worker for stored values (answered on its data port)."""
+        sock = self._peers.get(address)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            self._peers[address] = sock
+            self._poller.register(sock, zmq.POLLIN)
+        req = next(self._req)
+        self._fetching[req] = (item, [item] if item else [], wanted, time.monotonic())
+        sock.send_multipart(pack(Kind.GET, {"req": req, "keys": [list(k) for _, k in wanted]}))
+
+    def _on_peer_data(self, sock: Any, frames: list[Any]) -> None:
+        """A peer answered a GET: store the values, then queue the tasks that waited for them."""
+        msg = loads_control(frames[1].buffer)
+        entry = self._fetching.pop(msg["req"], None)
+        if entry is None:
+            return
+        item, _, wanted, _ = entry
+        values = _decode_values(msg["items"], frames[2:])
+        if item is None:  # a replication for a retiring peer
+            stored = []
+            for (_, skey), value in zip(wanted, values, strict=False):
+                if value is not _MISSING:
+                    self.store[skey] = value
+                    self.store_nbytes[skey] = _nbytes(value)
+                    stored.append(skey[1])
+            link = self._link_for_sid(wanted[0][1][0]) if wanted else None
+            if link is not None and stored:
+                self._send(link, Kind.STORED, stored)
+            return
+        for (ckey, skey), value in zip(wanted, values, strict=False):
+            if value is _MISSING:
+                self._missing(item, skey[1])
+                return
+            item.values[ckey] = value
+        item.waiting -= 1
+        if item.waiting == 0:
+            self._queue.put(item)
+
+    def _missing(self, item: _Item, dep_key: int) -> None:
+        """An input is gone: hand the task back to its scheduler to recover the input."""
+        self._queued -= 1
+        item.waiting = -1
+        self._release_resources(item)
+        self._send(item.link, Kind.MISSING, {"missing": [(item.key, dep_key)]})
+
+    def _link_for_sid(self, sid: str) -> _SchedulerLink | None:
+        for lk in self._links:
+            if lk.scheduler_id == sid:
+                return lk
+        return None
+
+    def _execute_loop(self) -> None:
+        """Executor thread: run tasks from the local queue, one at a time."""
+        get = self._queue.get
+        results = self._results
+        started = self._started
+        while True:
+            item = get()
+            if item is None:
+                return
+            link = item.link
+            if link.scheduler_id is None:  # its scheduler is gone: drop
+                results.append((item, None, None, 0.0))
+                self._wake()
+                continue
+            started.append((link, item.key))
+            if self._duration == 0 or self._duration > 0.001:
+                self._wake()
+                time.sleep(0)  # let the I/O thread report the start before user code runs
+            with self._active_lock:
+                self._active += 1
+                if self._active > self._peak_running:
+                    self._peak_running = self._active
+            t0 = time.perf_counter()
+            try:
+                func = item.func
+                if isinstance(func, _Unloadable):
+                    raise func.exc
+                if item.deps:
+                    values = {
+                        k: (v.load() if isinstance(v, _Inline) else v)
+                        for k, v in item.values.items()
+                    }
+                    args, kwargs = _ArgsUnpickler(item.payload, values).load()
+                else:
+                    args, kwargs = pickle.loads(item.payload)
+                value = func(*args, **kwargs)
+                status = D_INLINE
+            except BaseException as exc:  # noqa: BLE001 - reported to the client
+                value = exc
+                status = D_ERROR
+            duration = time.perf_counter() - t0
+            with self._active_lock:
+                self._active -= 1
+            results.append((item, status, value, duration))
+            self._wake()
+
+    def _collect(self) -> None:
+        """Turn finished tasks into DONE entries per scheduler (serializing results)."""
+        started = self._started
+        while started:
+            link, key = started.popleft()
+            link.started.append(key)
+        results = self._results
+        if not results:
+            return
+        now = time.monotonic()
+        self._last_busy = now
+        limit = self.inline_result_limit
+        while results:
+            item, status, value, duration = results.popleft()
+            self._queued -= 1
+            self._release_resources(item)
+            link = item.link
+            if status is None or link.scheduler_id is None:
+                continue
+            self._duration = (
+                duration if self._duration == 0 else 0.9 * self._duration + 0.1 * duration
+            )
+            link.usage = link.decayed_usage(now) + duration
+            sid = link.scheduler_id
+            self._executed[sid] = self._executed.get(sid, 0) + 1
+            if status == D_ERROR:
+                link.done.append((item.key, D_ERROR, _encode_error(value, self.name), duration))
+                continue
+            size = _nbytes(value)
+            if size is not None and size > limit:
+                self._keep(link, item.key, value, size, duration)
+                continue
+            try:
+                data = dumps_user(value)
+            except Exception as exc:  # noqa: BLE001
+                link.done.append((item.key, D_ERROR, _encode_error(exc, self.name), duration))
+                continue
+            if len(data) > limit:
+                self._keep(link, item.key, value, len(data), duration)
+            else:
+                link.done.append((item.key, D_INLINE, data, duration))
+
+    def _keep(self, link: _SchedulerLink, key: int, value: Any, size: int, duration: float) -> None:
+        """Store a large result here; the scheduler learns only where it is."""
+        skey = (link.scheduler_id, key)
+        self.store[skey] = value  # type: ignore[index]
+        self.store_nbytes[skey] = size  # type: ignore[index]
+        link.done.append((key, D_STORED, size, duration))
+
+    def _release_resources(self, item: _Item) -> None:
+        if item.resources:
+            for name, amount in item.resources.items():
+                self._res_used[name] = self._res_used.get(name, 0) - amount
+
+    def _flush(self) -> None:
+        """Send each scheduler its DONE batch (with any new lease) and STARTED notices."""
+        for lk in self._links:
+            if lk.started:
+                if lk.state == "ready":
+                    self._send(lk, Kind.STARTED, lk.started)
+                lk.started = []
+            if lk.done:
+                grant = lk.pending_grant
+                msg: dict[str, Any] = {"done": lk.done}
+                if grant:
+                    msg["lease"] = grant[0]
+                    if grant[1]:
+                        msg["resources"] = grant[1]
+                    lk.pending_grant = None
+                if lk.state == "ready":
+                    self._send(lk, Kind.DONE, msg)
+                lk.done = []
+            elif lk.pending_grant:
+                n, res = lk.pending_grant
+                lk.pending_grant = None
+                self._send(lk, Kind.LEASE, {"n": n, "resources": res})
+
+    def _on_release(self, link: _SchedulerLink, msg: list[int], _: Any) -> None:
+        sid = link.scheduler_id
+        for key in msg:
+            self.store.pop((sid, key), None)  # type: ignore[arg-type]
+            self.store_nbytes.pop((sid, key), None)  # type: ignore[arg-type]
+
+    def _on_replicate(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
+        """Fetch values from a retiring peer and keep them (then report STORED)."""
+        by_peer: dict[str, list[tuple[int, tuple[str, int]]]] = {}
+        for key, address, skey in msg["keys"]:
+            by_peer.setdefault(address, []).append((key, tuple(skey)))
+        for address, wanted in by_peer.items():
+            self._fetch(address, wanted, None)
+
+    def _on_retire(self, link: _SchedulerLink, msg: Any, _: Any) -> None:
+        self.retire()
+
+    def _retire_step(self, now: float) -> bool:
+        """Advance a retirement; return True when the worker may exit."""
+        ready = [lk for lk in self._links if lk.state == "ready"]
+        if any(lk.lease or lk.revoking for lk in ready) and now < self._retire_deadline:
+            return False
+        if self._queued or self._results:
+            return now >= self._retire_deadline
+        if not self._retire_sent:
+            self._retire_sent = True
+            for lk in ready:
+                self._send(lk, Kind.RETIRE, {"name": self.name})
+            return False
+        return all(lk.goodbye for lk in ready) or now >= self._retire_deadline
+
+    # ------------------------------------------------------------------ data port
+    def _on_data_request(self, frames: list[Any]) -> None:
+        """Serve GET (send stored values) and PUT (store values) on the data port."""
+        ident = frames[0].bytes
+        kind = frames[1].bytes
+        msg = loads_control(frames[2].buffer)
+        if kind == Kind.GET:
+            items = []
+            buffers: list[Any] = []
+            for skey in msg["keys"]:
+                value = self.store.get(tuple(skey), _MISSING)
+                if value is _MISSING:
+                    items.append((skey, None, 0))
+                    continue
+                head, bufs = _encode_value(value)
+                items.append((skey, head, len(bufs)))
+                buffers.extend(bufs)
+            self._data.send_multipart(
+                [ident, *pack(Kind.DATA, {"req": msg["req"], "items": items})] + buffers,
+                copy=False,
+            )
+        elif kind == Kind.PUT:
+            values = _decode_values(msg["items"], frames[3:])
+            for (skey, _, _), value in zip(msg["items"], values, strict=False):
+                self.store[tuple(skey)] = value
+                self.store_nbytes[tuple(skey)] = _nbytes(value) or 0
+            self._data.send_multipart([ident, *pack(Kind.DATA, {"req": msg["req"], "items": []})])
+        else:
+            raise ProtocolError(f"unknown data request {kind[:20]!r}")
+
+    # ------------------------------------------------------------------ timers
+    def _tick(self, now: float) -> None:
+        """Heartbeats, (re)registration, scheduler loss, memory, lifetime, fetch timeouts."""
+        status = self._status(now)
+        for lk in self._links:
+            if lk.state != "ready":
+                if now - lk.last_hello > 0.5:
+                    self._hello(lk, now)
+                continue
+            if now - lk.last_recv > self.heartbeat_timeout_s:
+                self._forget_scheduler(lk, "no heartbeat")
+                lk.state = "connecting"
+                continue
+            if now - lk.last_send >= self.heartbeat_interval_s * 0.9:
+                self._send(lk, Kind.HEARTBEAT, status)
+        for req, (item, _, wanted, t0) in list(self._fetching.items()):
+            if now - t0 > self.heartbeat_timeout_s:
+                del self._fetching[req]
+                if item is not None and item.waiting >= 0:
+                    self._missing(item, wanted[0][1][1])
+        if self.lifetime_end is not None and time.time() >= self.lifetime_end:
+            self.retire()
+
+    def _status(self, now: float) -> dict[str, Any]:
+        """Memory (psutil), idleness and storage, sent with heartbeats."""
+        if self._proc is not None:
+            try:
+                self._memory = self._proc.memory_info().rss
+            except Exception:  # noqa: BLE001 - the process table can be briefly unreadable
+                pass
+        if self.memory_limit:
+            frac = self._memory / self.memory_limit
+            if not self._paused and frac > 0.8:
+                log.warning(
+                    "worker %s paused: memory at %.0f%% of its limit", self.name, 100 * frac
+                )
+                self._paused = True
+            elif self._paused and frac < 0.7:
+                self._paused = False
+        if self._queued:
+            self._last_busy = now
+        return {
+            "memory": self._memory,
+            "idle_s": 0.0 if self._queued else now - self._last_busy,
+            "stored_bytes": sum(self.store_nbytes.values()),
+            "state": "paused" if self._paused else ("retiring" if self._retiring else "running"),
+            "peak_running": self._peak_running,
+            "executed": dict(self._executed),
+            "running": self._active,
+        }
+
+
+class _Unloadable:
+    """Stands for a function that could not be unpickled here; running it raises the error."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class _Inline:
+    """An input sent inline; unpickled by the executor thread that needs it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def load(self) -> Any:
+        return pickle.loads(self.data)
+
+
+_MISSING = object()
+
+
+def _nbytes(value: Any) -> int | None:
+    """Size of a value when it is cheap to know (bytes-like, NumPy arrays), else None."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value) if not isinstance(value, memoryview) else value.nbytes
+    n = getattr(value, "nbytes", None)
+    return n if isinstance(n, int) else None
+
+
+def _encode_value(value: Any) -> tuple[bytes, list[Any]]:
+    """Serialize a stored value for the wire: raw bytes as-is, others pickle-5 out-of-band."""
+    if type(value) is bytes:
+        return b"", [value]
+    head, bufs = protocol.dumps_oob(value)
+    return head, [b.raw() for b in bufs]
+
+
+def _decode_values(items: list[Any], frames: list[Any]) -> list[Any]:
+    """Inverse of _encode_value over a message's items and buffer frames."""
+    out = []
+    i = 0
+    for _, head, nbuf in items:
+        if head is None:
+            out.append(_MISSING)
+            continue
+        bufs = [f.buffer for f in frames[i : i + nbuf]]
+        i += nbuf
+        if head == b"":
+            out.append(frames[i - 1].bytes)
+        else:
+            out.append(pickle.loads(head, buffers=bufs))
+    return out
+
+
+def _encode_error(exc: BaseException, worker: str) -> tuple[bytes, str, str]:
+    """An exception as (pickled exception, traceback text, type name)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = f'Traceback on worker "{worker}":\n' + tb.split("\n", 1)[-1]
+    try:
+        data = protocol.dumps_user(exc)
+        pickle.loads(data)  # some exceptions pickle but cannot be rebuilt
+    except Exception:  # noqa: BLE001
+        data = protocol.dumps_user(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    return data, tb, type(exc).__name__
+
+
+def main_uuid() -> str:
+    return uuid.uuid4().hex[:8]
