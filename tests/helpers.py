@@ -1,0 +1,88 @@
+"""Helpers shared by the tests: polling with a deadline, and the real systems the suite can use.
+
+Import them with ``from helpers import wait_until`` (pytest puts tests/ on sys.path), or take the
+``wait_until`` fixture from conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+REPO = Path(__file__).resolve().parents[1]
+CI = REPO / "ci"
+
+T = TypeVar("T")
+
+
+class WaitTimeout(AssertionError):
+    """A wait_until deadline passed."""
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.02,
+    message: str | Callable[[], str] | None = None,
+) -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns something truthy; return that.
+
+    Parameters
+    ----------
+    predicate
+        Called with no arguments. Exceptions it raises propagate at once.
+    timeout
+        Seconds before giving up with ``WaitTimeout`` (an ``AssertionError``).
+    interval
+        Seconds between calls.
+    message
+        What was awaited, for the error. A callable is called at the timeout (to show the queue).
+
+    Examples
+    --------
+    >>> wait_until(lambda: 42, timeout=1)
+    42
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            what = message() if callable(message) else message
+            raise WaitTimeout(f"timed out after {timeout} s waiting for {what or predicate!r}")
+        time.sleep(interval)
+
+
+def run(
+    argv: Sequence[str | os.PathLike],
+    *,
+    check: bool = True,
+    timeout: float = 60,
+    input: str | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing text; with ``check``, fail showing argv, exit code and output."""
+    argv = [str(a) for a in argv]
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, input=input, cwd=cwd, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{argv} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def have(command: str) -> bool:
+    """Whether ``command`` is on PATH (or in /usr/sbin, where the daemons live)."""
+    return shutil.which(command) is not None or Path("/usr/sbin", command).exists()
