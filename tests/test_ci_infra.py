@@ -98,6 +98,16 @@ def test_sge_parallel_environment_smp_gives_two_slots(sge, tmp_path, wait_until)
     assert "NSLOTS=2" in (tmp_path / "smp.out").read_text()
 
 
+# ---------------------------------------------------------------------------------------- sshd
+
+
+def test_sshd_fixture_logs_in_on_both_hosts(sshd):
+    for host in sshd.hosts:
+        argv = ["ssh", "-p", sshd.port, "-o", "BatchMode=yes", "-i", sshd.key, host]
+        out = run([*argv, "echo $SSH_CONNECTION"], timeout=30).stdout.split()
+        assert out[2:] == [host, str(sshd.port)]
+
+
 # ---------------------------------------------------------------------------------------- PBS shim
 
 
