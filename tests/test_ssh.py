@@ -219,3 +219,42 @@ def test_host_unreachable_at_close_is_reported(tmp_path: Path) -> None:
                 p.kill()
             wait_until(lambda: not processes_of(cluster.name), timeout=10)
             subprocess.run(["rm", "-rf", cluster.remote_directory], check=True)
+
+
+EXIT_WITHOUT_CLOSE = """
+import sys
+from jobqueue_ms.deploy.ssh import SSHCluster
+
+options = {options!r}
+cluster = SSHCluster(**options)
+cluster.scale(jobs=2)
+cluster.wait_for_workers(2, timeout=60)
+print(cluster.name, cluster.remote_directory, flush=True)
+# no close(): interpreter exit must clean up
+"""
+
+
+def test_interpreter_exit_stops_remote_processes(hosts: SSHHosts) -> None:
+    options = {
+        "hosts": list(hosts.addresses),
+        "python": sys.executable,
+        "ssh_options": hosts.ssh_options,
+        "port": hosts.port,
+        "prologue": [f"export {k}={v}" for k, v in HEARTBEAT.items()],
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_WITHOUT_CLOSE.format(options=options)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(proc.stdout.split()) == 2, proc.stderr
+    name, remote_directory = proc.stdout.split()
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert processes_of(name) == []
+        assert not os.path.exists(remote_directory)
+    finally:  # what a failure left behind
+        for p in processes_of(name):
+            p.kill()
+        subprocess.run(["rm", "-rf", remote_directory], check=True)

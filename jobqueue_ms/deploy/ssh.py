@@ -19,15 +19,17 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .cluster import Cluster, ClusterError, JobRecord, JobState
 
 log = logging.getLogger("jobqueue_ms.ssh")
 
+T = TypeVar("T")
 SSH_ERROR = 255  # ssh's own exit code: connection or authentication failed
 
 
@@ -411,7 +413,10 @@ class SSHCluster(Cluster):
 
     def job_script(self) -> str:
         """The script the next job runs on the host it would go to."""
-        host = self._pick_host() if self.hosts else ""
+        try:
+            host = self._pick_host()
+        except ClusterError:  # every host full: still show the script
+            host = self.hosts[0]
         return self._render(JobRecord(name=f"{self.name}-N"), host)
 
     def _submit(self, record: JobRecord) -> str:
@@ -442,70 +447,103 @@ class SSHCluster(Cluster):
                 out.setdefault(r.info["host"], []).append(r)
         return out
 
+    def _on_hosts(self, fn: Callable[[str], T], hosts: Sequence[str]) -> dict[str, T]:
+        """Run ``fn(host)`` for every host at once (a slow host must not hold up the rest).
+
+        Plain threads, not a ThreadPoolExecutor: close() also runs at interpreter exit, when an
+        executor refuses new work. ``fn`` handles its own errors.
+        """
+        if len(hosts) <= 1:
+            return {h: fn(h) for h in hosts}
+        results: dict[str, T] = {}
+
+        def run(host: str) -> None:
+            results[host] = fn(host)
+
+        threads = [threading.Thread(target=run, args=(h,), daemon=True) for h in hosts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        missing = [h for h in hosts if h not in results]
+        if missing:
+            raise ClusterError(f"hosts {missing}: ssh call failed unexpectedly (see the log)")
+        return results
+
     def _poll(self, records: list[JobRecord]) -> dict[str, JobState]:
         """One ssh per host: which process groups live, and the exit status of those gone."""
+        by_host = self._by_host(records)
         states: dict[str, JobState] = {}
-        d = shlex.quote(self.remote_directory)
-        for host, group in self._by_host(records).items():
-            lines = [f"cd {d} 2>/dev/null || true"]
-            for r in group:
-                pgid, exit_file = r.info["pgid"], shlex.quote(f"{r.name}.exit")
-                lines.append(
-                    f"if kill -0 -- -{pgid} 2>/dev/null; then echo {pgid} running; "
-                    f'else echo {pgid} "$(cat {exit_file} 2>/dev/null || echo killed)"; fi'
-                )
-            proc = self._ssh(host, "\n".join(lines), "cannot poll jobs", check=False)
-            if proc.returncode != 0:
-                log.warning("host %r: cannot poll jobs: %s", host, proc.stderr.strip())
-                for r in group:
-                    states[r.job_id] = JobState.UNKNOWN
+        for found in self._on_hosts(
+            lambda h: self._poll_host(h, by_host[h]), list(by_host)
+        ).values():
+            states.update(found)
+        return states
+
+    def _poll_host(self, host: str, group: list[JobRecord]) -> dict[str, JobState]:
+        lines = [f"cd {shlex.quote(self.remote_directory)} 2>/dev/null || true"]
+        for r in group:
+            pgid, exit_file = r.info["pgid"], shlex.quote(f"{r.name}.exit")
+            lines.append(
+                f"if kill -0 -- -{pgid} 2>/dev/null; then echo {pgid} running; "
+                f'else echo {pgid} "$(cat {exit_file} 2>/dev/null || echo killed)"; fi'
+            )
+        proc = self._ssh(host, "\n".join(lines), "cannot poll jobs", check=False)
+        if proc.returncode != 0:
+            log.warning("host %r: cannot poll jobs: %s", host, proc.stderr.strip())
+            return {r.job_id: JobState.UNKNOWN for r in group}
+        seen = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+        states = {}
+        for r in group:
+            status = seen.get(str(r.info["pgid"]), "").strip()
+            if status == "running":
+                states[r.job_id] = JobState.RUNNING
                 continue
-            seen = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
-            for r in group:
-                status = seen.get(str(r.info["pgid"]), "").strip()
-                if status == "running":
-                    states[r.job_id] = JobState.RUNNING
-                    continue
-                self._unstopped.discard((host, r.info["pgid"]))
-                if status == "0":
-                    states[r.job_id] = JobState.COMPLETED
-                elif r.cancel_requested:
-                    states[r.job_id] = JobState.CANCELLED
-                else:
-                    states[r.job_id] = JobState.FAILED
+            self._unstopped.discard((host, r.info["pgid"]))
+            if status == "0":
+                states[r.job_id] = JobState.COMPLETED
+            elif r.cancel_requested:
+                states[r.job_id] = JobState.CANCELLED
+            else:
+                states[r.job_id] = JobState.FAILED
         return states
 
     def _cancel(self, records: list[JobRecord]) -> None:
         """Stop these jobs' process groups (TERM, then KILL after 10 s); one ssh per host."""
-        errors = []
-        for host, group in self._by_host(records).items():
-            pgids = [r.info["pgid"] for r in group]
+        by_host = self._by_host(records)
+
+        def cancel(host: str) -> str | None:
+            pgids = [r.info["pgid"] for r in by_host[host]]
             try:
                 self._kill_groups(host, pgids)
             except SSHError as exc:
-                errors.append(str(exc))
-            else:
-                self._unstopped.difference_update((host, p) for p in pgids)
+                return str(exc)
+            self._unstopped.difference_update((host, p) for p in pgids)
+            return None
+
+        errors = [e for e in self._on_hosts(cancel, list(by_host)).values() if e]
         if errors:
             raise ClusterError("\n".join(errors))
 
-    def _kill_groups(self, host: str, pgids: Sequence[int], grace_s: float = 10.0) -> None:
-        if not pgids:
-            return
+    def _kill_groups(
+        self, host: str, pgids: Sequence[int], grace_s: float = 10.0, then: str = ""
+    ) -> None:
+        """TERM process groups on ``host``, KILL what is left after ``grace_s``, run ``then``."""
         ids = " ".join(str(int(p)) for p in pgids)
-        steps = int(grace_s / 0.1)
+        steps = max(1, int(grace_s / 0.1))
         script = f"""
 pgids="{ids}"
 for p in $pgids; do kill -TERM -- -$p 2>/dev/null || true; done
 for _ in $(seq {steps}); do
     alive=""
     for p in $pgids; do kill -0 -- -$p 2>/dev/null && alive=1; done
-    [ -z "$alive" ] && exit 0
-    sleep 0.1
+    [ -z "$alive" ] && break
+    sleep 0.1  # polling the groups until they are gone, with a deadline
 done
 for p in $pgids; do kill -KILL -- -$p 2>/dev/null || true; done
+{then}
 """
-        self._ssh(host, script, f"cannot stop process groups {ids}", timeout=grace_s + 60)
+        self._ssh(host, script, f"cannot stop process groups [{ids}]", timeout=grace_s + 60)
 
     def _log_tail(self, record: JobRecord) -> str:
         host = record.info.get("host")
@@ -536,22 +574,19 @@ for p in $pgids; do kill -KILL -- -$p 2>/dev/null || true; done
 
     def _stop_schedulers(self, timeout: float) -> None:
         """Per host: stop the schedulers and any job group left, remove the remote directory."""
-        for host, h in self._hosts.items():
-            if not h.reached:
-                continue
+
+        def clean(host: str) -> None:
             pgids = [p for sh, p in self._remote_schedulers if sh == host]
             pgids += sorted(p for sh, p in self._unstopped if sh == host)
+            rm = f"rm -rf -- {shlex.quote(self.remote_directory)}"
             try:
-                self._kill_groups(host, pgids, grace_s=min(timeout, 10.0))
-                self._ssh(
-                    host,
-                    f"rm -rf -- {shlex.quote(self.remote_directory)}",
-                    "cannot remove the remote directory",
-                )
+                self._kill_groups(host, pgids, grace_s=min(timeout, 10.0), then=rm)
             except SSHError as exc:
-                msg = f"{exc} (left behind: process groups {pgids}, {self.remote_directory})"
+                msg = f"{exc}\n  left behind: process groups {pgids}, {self.remote_directory}"
                 log.error("%s", msg)
                 self.close_errors.append(msg)
+
+        self._on_hosts(clean, [h for h, info in self._hosts.items() if info.reached])
         for host in self._hosts:  # stop the shared connections before their sockets go
             subprocess.run(
                 self._ssh_argv(host, "-O", "exit"),
