@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+#BSUB -J jqms-golden-1
+#BSUB -o jqms-golden-1-%J.out
+#BSUB -n 8
+#BSUB -R "span[hosts=1]"
+#BSUB -M 16777216
+#BSUB -W 01:00
+
+set -euo pipefail
+
+# 2 worker process(es) per node, 4 thread(s) each.
+worker=(
+    /opt/venv/bin/python -m jobqueue_ms worker
+    --scheduler tcp://10.1.0.5:40123
+    --scheduler tcp://10.1.0.5:40125
+    --nthreads 4 --memory-limit 8GiB
+    --job jqms-golden-1 --lifetime 3300s
+)
+host=$(hostname)
+pids=()
+"${worker[@]}" --host "$host" --name jqms-golden-1-0 & pids+=($!)
+"${worker[@]}" --host "$host" --name jqms-golden-1-1 & pids+=($!)
+
+# Wait for every process; the job fails if one of them failed.
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"

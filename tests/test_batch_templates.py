@@ -1,0 +1,186 @@
+"""Job script templates: golden files byte for byte, bash -n, shadowing and full overrides.
+
+Each case renders one system's template from fixed options and compares the result with
+``tests/golden/<system>/<case>.sh``. After a deliberate template change, rewrite the goldens with
+``scripts/update-goldens`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from jobqueue_ms.batch.base import render_job_script
+from jobqueue_ms.batch.units import FILTERS
+from jobqueue_ms.config import Config
+from jobqueue_ms.deploy.render import builtin_templates, render
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("UPDATE_GOLDENS") == "1"
+ADDRESSES = ["tcp://10.1.0.5:40123", "tcp://10.1.0.5:40125"]
+PY = "/opt/venv/bin/python"
+FULL = {
+    "queue": "normal",
+    "account": "proj42",
+    "walltime": "02:00:00",
+    "log_directory": "/scratch/logs",
+    "local_directory": "/tmp/jqms work",
+    "interface": "ib0",
+    "job_extra_directives": ["--extra-directive-a", "--extra-directive-b"],
+    "job_script_prologue": ["source /etc/profile.d/modules.sh", "module load python/3.11"],
+    "job_script_epilogue": ["echo 'job done'"],
+    "worker_extra_args": ["--log-level", "info"],
+    "resources": {"GPU": 2},
+    "gpus": 2,
+}
+
+# (system, case) -> options; every built-in template appears, with representative options.
+CASES: dict[tuple[str, str], dict] = {
+    ("slurm", "basic"): {"cores": 8, "memory": "16GiB", "processes": 2, "walltime": "01:00:00"},
+    ("slurm", "minimal"): {"cores": 1, "memory": "1GB"},
+    ("slurm", "full"): {"cores": 8, "memory": "32GB", "processes": 4, **FULL},
+    ("slurm", "skip"): {
+        "cores": 4,
+        "memory": "8GiB",
+        "queue": "debug",
+        "job_directives_skip": ["--mem", "--partition"],
+        "job_extra_directives": ["--mem-per-cpu=2G"],
+    },
+    ("slurm", "array"): {"cores": 4, "memory": "8GiB", "processes": 2, "job_array": 5},
+    ("slurm", "multinode"): {"cores": 8, "memory": "16GiB", "processes": 2, "nodes": 3},
+    ("slurm", "multinode-array"): {"cores": 2, "memory": "2GiB", "nodes": 2, "job_array": 3},
+    ("slurm", "scheduler"): {"cores": 8, "memory": "4GiB", "walltime": "12:00:00", "_role": 2},
+    ("sge", "basic"): {"cores": 8, "memory": "16GiB", "processes": 2, "walltime": "01:00:00"},
+    ("sge", "full"): {"cores": 8, "memory": "32GB", "processes": 4, "pe": "mpi-fill", **FULL},
+    ("sge", "no-memory-resources"): {"cores": 2, "memory": "4GB", "memory_resources": []},
+    ("sge", "array"): {"cores": 2, "memory": "4GiB", "job_array": 3},
+    ("sge", "scheduler"): {"cores": 2, "memory": "4GiB", "interface": "ib0", "_role": 3},
+    ("pbs", "pro"): {"cores": 24, "memory": "100GB", "processes": 4, "walltime": "01:00:00"},
+    ("pbs", "torque"): {
+        "cores": 24,
+        "memory": "100GB",
+        "walltime": "1:0:0",
+        "pbs_flavor": "torque",
+    },
+    ("pbs", "pro-full"): {"cores": 8, "memory": "32GB", "processes": 4, **FULL},
+    ("pbs", "torque-full"): {"cores": 8, "memory": "32GB", "pbs_flavor": "torque", **FULL},
+    ("pbs", "pro-array"): {"cores": 4, "memory": "8GiB", "job_array": 10},
+    ("pbs", "torque-array"): {
+        "cores": 4,
+        "memory": "8GiB",
+        "job_array": 10,
+        "pbs_flavor": "torque",
+    },
+    ("pbs", "scheduler"): {"cores": 4, "memory": "8GiB", "_role": 1},
+    ("lsf", "basic"): {"cores": 8, "memory": "16GiB", "processes": 2, "walltime": "01:00:00"},
+    ("lsf", "units-mb"): {"cores": 1, "memory": "1.5GB", "walltime": "90s", "lsf_units": "MB"},
+    ("lsf", "full"): {"cores": 8, "memory": "32GB", "processes": 4, "lsf_units": "GB", **FULL},
+    ("lsf", "array"): {"cores": 4, "memory": "8GiB", "job_array": 4, "lsf_units": "KB"},
+    ("lsf", "scheduler"): {"cores": 4, "memory": "8GiB", "lsf_units": "KB", "_role": 2},
+}
+
+
+def render_case(system: str, options: dict) -> str:
+    options = {"python": PY, **options}
+    n_schedulers = options.pop("_role", None)
+    if system == "lsf":
+        options.setdefault("lsf_units", "KB")  # not this machine's lsf.conf
+    if n_schedulers:
+        return render_job_script(
+            system,
+            role="scheduler",
+            n_schedulers=n_schedulers,
+            name="jqms-golden-scheduler",
+            shared_directory="/shared/jqms",
+            config=Config(),
+            **options,
+        )
+    return render_job_script(
+        system, name="jqms-golden-1", scheduler_addresses=ADDRESSES, config=Config(), **options
+    )
+
+
+@pytest.mark.parametrize(("system", "case"), sorted(CASES), ids="/".join)
+def test_golden(system, case):
+    rendered = render_case(system, dict(CASES[system, case]))
+    path = GOLDEN / system / f"{case}.sh"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rendered)
+    assert path.read_text() == rendered, f"{path} differs; run scripts/update-goldens to review"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_every_golden_is_valid_bash():
+    for path in sorted(GOLDEN.glob("*/*.sh")):
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{path}: {proc.stderr}"
+
+
+def test_every_golden_file_has_a_case_and_every_template_a_golden():
+    on_disk = {(p.parent.name, p.stem) for p in GOLDEN.glob("*/*.sh")}
+    assert on_disk == set(CASES)
+    systems = {name.removesuffix(".sh.j2") for name in builtin_templates()}
+    assert {"slurm", "sge", "pbs", "lsf"} <= systems
+    assert {system for system, _ in CASES} == {"slurm", "sge", "pbs", "lsf"}
+
+
+def test_a_typo_in_a_template_fails_instead_of_printing_nothing(tmp_path):
+    (tmp_path / "slurm.sh.j2").write_text(
+        '{% extends "builtin/slurm.sh.j2" %}\n'
+        "{% block directives %}#SBATCH --qos={{ job.qos }}\n{% endblock %}\n"
+    )
+    with pytest.raises(jinja2.UndefinedError, match="qos"):
+        render_job_script(
+            "slurm", cores=1, memory="1GB", template_dirs=[str(tmp_path)], config=Config()
+        )
+
+
+def test_a_user_template_directory_shadows_a_builtin_by_name(tmp_path):
+    (tmp_path / "slurm.sh.j2").write_text(
+        '{% extends "builtin/slurm.sh.j2" %}\n'
+        "{% block directives %}\n{{ super() }}#SBATCH --qos=high\n{% endblock %}\n"
+    )
+    plain = render_job_script("slurm", cores=1, memory="1GB", config=Config())
+    shadowed = render_job_script(
+        "slurm", cores=1, memory="1GB", template_dirs=[str(tmp_path)], config=Config()
+    )
+    assert shadowed == plain.replace(
+        "#SBATCH --mem=954M\n", "#SBATCH --mem=954M\n#SBATCH --qos=high\n"
+    )
+
+
+def test_shadowing_base_changes_every_system(tmp_path):
+    (tmp_path / "base.sh.j2").write_text(
+        '{% extends "builtin/base.sh.j2" %}\n'
+        "{% block launch_workers %}# site policy: no workers here\n{% endblock %}\n"
+    )
+    for system in ("sge", "pbs", "lsf"):
+        script = render_job_script(
+            system, cores=1, memory="1GB", template_dirs=[str(tmp_path)], config=Config()
+        )
+        assert "# site policy: no workers here\n" in script.splitlines(keepends=True)
+        assert '"${worker[@]}"' not in script
+
+
+def test_template_file_is_a_full_override(tmp_path):
+    path = tmp_path / "mine.sh.j2"
+    path.write_text("#!/bin/sh\n# {{ name }} {{ job.cores }} {{ job.memory_bytes | slurm_mem }}\n")
+    script = render_job_script(
+        "slurm", cores=2, memory="2GiB", template=str(path), name="j-1", config=Config()
+    )
+    assert script == "#!/bin/sh\n# j-1 2 2048M\n"
+    with pytest.raises(FileNotFoundError, match="no such template file"):
+        render_job_script(
+            "slurm", cores=1, memory="1GB", template="./missing.sh.j2", config=Config()
+        )
+
+
+def test_a_missing_context_variable_fails():
+    with pytest.raises(jinja2.UndefinedError, match="'job' is undefined"):
+        render("slurm.sh.j2", {"name": "x"}, filters=FILTERS)
