@@ -85,24 +85,25 @@ CASES: dict[tuple[str, str], dict] = {
 }
 
 
-def render_case(system: str, options: dict) -> str:
+def case_kwargs(system: str, options: dict) -> dict:
+    """Keyword arguments of render_job_script for one case (besides config)."""
     options = {"python": PY, **options}
     n_schedulers = options.pop("_role", None)
     if system == "lsf":
         options.setdefault("lsf_units", "KB")  # not this machine's lsf.conf
     if n_schedulers:
-        return render_job_script(
-            system,
-            role="scheduler",
-            n_schedulers=n_schedulers,
-            name="jqms-golden-scheduler",
-            shared_directory="/shared/jqms",
-            config=Config(),
+        return {
+            "role": "scheduler",
+            "n_schedulers": n_schedulers,
+            "name": "jqms-golden-scheduler",
+            "shared_directory": "/shared/jqms",
             **options,
-        )
-    return render_job_script(
-        system, name="jqms-golden-1", scheduler_addresses=ADDRESSES, config=Config(), **options
-    )
+        }
+    return {"name": "jqms-golden-1", "scheduler_addresses": ADDRESSES, **options}
+
+
+def render_case(system: str, options: dict) -> str:
+    return render_job_script(system, config=Config(), **case_kwargs(system, options))
 
 
 @pytest.mark.parametrize(("system", "case"), sorted(CASES), ids="/".join)
