@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,11 @@ def test_two_hosts_two_schedulers_compute_scale_and_close(hosts: SSHHosts) -> No
 
         cluster.scale(jobs=3)  # the third job goes to a host with the fewest jobs
         cluster.wait_for_workers(6, timeout=60)
-        cluster.scale(jobs=1)
+        per_host = Counter(r.info["host"] for r in cluster.jobs.values())
+        assert sorted(per_host.values()) == [1, 2]
+        cluster.scale(jobs=2)
+        wait_until(lambda: len(live_jobs(cluster)) == 2, timeout=60, message=lambda: cluster)
+        cluster.scale_down([sorted(cluster.workers)[0]])  # the policy's verb: by worker name
         wait_until(lambda: len(live_jobs(cluster)) == 1, timeout=60, message=lambda: cluster)
         wait_until(lambda: len(cluster.workers) == 2, timeout=60, message=lambda: cluster)
         assert all(

@@ -197,6 +197,12 @@ class SSHCluster(Cluster):
         self.ssh_options = [os.path.expanduser(o) for o in ssh_options]
         self.prologue = list(prologue)
         self.env = dict(env or {})
+        for key in self.env:
+            if not key.isidentifier():
+                raise ValueError(
+                    f"env key {key!r} is not a shell variable name; "
+                    "e.g. env={'OMP_NUM_THREADS': '1'}"
+                )
         self.port = port
         self.scheduler_port = scheduler_port
         self.max_jobs_per_host = max_jobs_per_host
