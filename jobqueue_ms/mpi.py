@@ -1,0 +1,600 @@
+"""Start a whole jobqueue-ms deployment inside one MPI allocation.
+
+``mpirun -n K python -m jobqueue_ms.mpi [--schedulers N] script.py [args...]``: ranks become
+schedulers, one client rank runs ``script.py`` with a ready :class:`Client`, every other rank is a
+worker. Addresses are exchanged once over MPI (one ``allgather``); after that every process speaks
+the normal runtime protocol, so worker code is the same under MPI, batch and SSH.
+
+Shutdown uses MPI point-to-point only: each serving rank posts one non-blocking receive that a
+watcher thread polls, so no rank ever blocks inside MPI while serving. The client rank (or, in
+service mode, a rank whose scheduler was shut down by an admin) sends a small STOP message to every
+other rank. A rank that crashed is simply never waited for.
+
+See docs/mpi.md for the rank layout and the launch recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import runpy
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .runtime.client import Client
+
+log = logging.getLogger("jobqueue_ms.mpi")
+
+STOP_TAG = 7301  # MPI tag of the shutdown message (payload: the exit code)
+_POLL_S = 0.05  # how often watcher threads test the pending receive
+_SEND_GRACE_S = 5.0  # how long a stopping rank waits for its STOP sends to complete
+# MPI_Finalize may hang when a peer rank died (Open MPI fences with every rank): past this many
+# seconds after a rank stopped serving, it leaves without finalizing, with the same exit code.
+_FINALIZE_TIMEOUT_S = float(os.environ.get("JOBQUEUE_MS_MPI_FINALIZE_TIMEOUT", "10"))
+
+RoleKind = Literal["scheduler", "client", "worker"]
+
+
+# ============================================================================ rank layout
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one MPI rank does.
+
+    ``kind`` is ``"scheduler"`` (then ``scheduler_index`` is 0..N-1), ``"client"`` (runs the
+    script) or ``"worker"``. ``runs_worker`` is True when the rank serves tasks too: always for
+    workers, and for every rank under ``workers_everywhere``.
+    """
+
+    kind: RoleKind
+    scheduler_index: int | None = None
+    runs_worker: bool = False
+
+
+def min_world_size(
+    n_schedulers: int, workers_everywhere: bool = False, has_client: bool = True
+) -> int:
+    """Smallest MPI world that fits the layout (at least one rank must run a worker)."""
+    base = n_schedulers + (1 if has_client else 0)
+    return max(base, 1) if workers_everywhere else base + 1
+
+
+def role_for(
+    rank: int,
+    world_size: int,
+    n_schedulers: int,
+    client_rank: int | None = None,
+    workers_everywhere: bool = False,
+    *,
+    has_client: bool = True,
+) -> Role:
+    """The role of ``rank`` in a world of ``world_size`` ranks (pure; same answer on every rank).
+
+    Schedulers take the first ``n_schedulers`` ranks that are not the client rank; the client rank
+    defaults to ``n_schedulers`` (just after the schedulers). With ``workers_everywhere`` every
+    rank also runs a worker. ``has_client=False`` is service mode (no script, no client rank).
+
+    Raises
+    ------
+    ValueError
+        The world is too small for the layout, or an argument is out of range.
+    """
+    if n_schedulers < 1:
+        raise ValueError(f"n_schedulers={n_schedulers!r} must be at least 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank!r} is not in an MPI world of size {world_size!r}")
+    need = min_world_size(n_schedulers, workers_everywhere, has_client)
+    if world_size < need:
+        parts = [f"{n_schedulers} scheduler(s)"]
+        if has_client:
+            parts.append("1 client")
+        if not workers_everywhere:
+            parts.append("at least 1 worker")
+        raise ValueError(
+            f"the MPI world has {world_size} rank(s) but the layout needs at least {need} "
+            f"({' + '.join(parts)}); start more ranks (mpirun -n {need}) or ask for fewer "
+            "schedulers" + ("" if workers_everywhere else " or use --workers-everywhere")
+        )
+    if has_client:
+        if client_rank is None:
+            client_rank = n_schedulers
+        if not 0 <= client_rank < world_size:
+            raise ValueError(
+                f"client_rank={client_rank!r} is not a rank of the MPI world of size {world_size}"
+            )
+        if rank == client_rank:
+            return Role("client", None, workers_everywhere)
+        index = rank if rank < client_rank else rank - 1
+    else:
+        index = rank
+    if index < n_schedulers:
+        return Role("scheduler", index, workers_everywhere)
+    return Role("worker", None, True)
+
+
+def host_address() -> str:
+    """The address other nodes reach this host at: ``$JOBQUEUE_MS_MPI_HOST`` or the hostname's."""
+    env = os.environ.get("JOBQUEUE_MS_MPI_HOST")
+    if env:
+        return env
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+# ============================================================================ the bootstrap
+
+
+@dataclass
+class _Options:
+    n_schedulers: int = 1
+    threads_per_worker: int = 1
+    memory_limit: str | None = None
+    client_rank: int | None = None
+    workers_everywhere: bool = False
+    scheduler_file: str | None = None
+    host: str | None = None
+    has_client: bool = True
+
+
+_client: Client | None = None
+_addresses: list[str] = []
+
+
+def client() -> Client:
+    """The ready :class:`Client` of the client rank (after the bootstrap or ``initialize()``)."""
+    if _client is None:
+        raise RuntimeError(
+            "no MPI bootstrap client in this process: run the script with "
+            "`mpirun -n K python -m jobqueue_ms.mpi script.py` or call "
+            "jobqueue_ms.mpi.initialize() first (only the client rank has a client)"
+        )
+    return _client
+
+
+def scheduler_addresses() -> list[str]:
+    """Addresses of every scheduler of the bootstrap (empty before it ran)."""
+    return list(_addresses)
+
+
+class _Node:
+    """What one rank runs: maybe a scheduler, maybe a worker; and the STOP watcher."""
+
+    def __init__(self, comm: Any, role: Role, opts: _Options) -> None:
+        self.comm = comm
+        self.role = role
+        self.opts = opts
+        self.rank: int = comm.Get_rank()
+        self.size: int = comm.Get_size()
+        self.host = opts.host or host_address()
+        self.scheduler: Any = None
+        self.worker: Any = None
+        self.worker_thread: threading.Thread | None = None
+        self.addresses: list[str] = []
+        self.cluster_id = ""
+        self.exit_code = 0
+        self.stopped = threading.Event()  # set when this rank must stop serving
+        self.watcher: threading.Thread | None = None
+        self._stop_sent: set[int] = set()
+
+    # -------------------------------------------------------------- startup
+    def start(self) -> None:
+        """Start the scheduler (if any), exchange addresses once, start the worker (if any)."""
+        from .runtime.scheduler import Scheduler
+
+        self.cluster_id = self.comm.bcast(
+            f"mpi-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None, root=0
+        )
+        entry: tuple[int | None, str | None, str | None] = (self.role.scheduler_index, None, None)
+        if self.role.kind == "scheduler":
+            try:
+                self.scheduler = Scheduler(host=self.host, port=0, cluster_id=self.cluster_id)
+                entry = (self.role.scheduler_index, self.scheduler.start(), None)
+            except Exception as exc:  # reported on every rank below
+                entry = (self.role.scheduler_index, None, f"rank {self.rank}: {exc}")
+        gathered = self.comm.allgather(entry)  # the one address exchange
+        errors = [e[2] for e in gathered if e[2]]
+        if errors:
+            raise RuntimeError("scheduler start failed: " + "; ".join(errors))
+        found = sorted((e[0], e[1]) for e in gathered if e[0] is not None and e[1])
+        self.addresses = [a for _, a in found]
+        if self.role.runs_worker:
+            self._start_worker()
+        if self.role.kind != "client":
+            self.watcher = threading.Thread(target=self._watch, name="jqms-mpi-watch", daemon=True)
+            self.watcher.start()
+
+    def _start_worker(self) -> None:
+        from .runtime.worker import Worker
+
+        self.worker = Worker(
+            self.addresses,
+            nthreads=self.opts.threads_per_worker,
+            memory_limit=self.opts.memory_limit,
+            name=f"mpi-rank-{self.rank}",
+            host=self.host,
+        )
+        self.worker_thread = threading.Thread(
+            target=self._run_worker, name="jqms-mpi-worker", daemon=True
+        )
+        self.worker_thread.start()
+
+    def _run_worker(self) -> None:
+        try:
+            self.worker.run()
+        except Exception:
+            log.exception("worker on rank %d failed", self.rank)
+        finally:
+            if self.role.kind == "worker":
+                self.stopped.set()
+
+    # -------------------------------------------------------------- stop protocol
+    def _watch(self) -> None:
+        """Poll one non-blocking receive for STOP; never block in MPI while serving."""
+        from mpi4py import MPI
+
+        req = self.comm.irecv(source=MPI.ANY_SOURCE, tag=STOP_TAG)
+        while not self.stopped.is_set():
+            done, code = req.test()
+            if done:
+                self.exit_code = int(code)
+                self.stopped.set()
+                return
+            if self.scheduler is not None and not self.scheduler._running:
+                # our scheduler was shut down by an admin (service mode): stop everyone
+                self.send_stop(0)
+                self.stopped.set()
+            time.sleep(_POLL_S)
+        try:
+            req.Cancel()
+            req.Free()
+        except Exception:  # pragma: no cover - best effort; the process is leaving
+            pass
+
+    def send_stop(self, code: int, ranks: list[int] | None = None) -> None:
+        """Tell other ranks to stop; wait a little for the sends, never for dead ranks."""
+        targets = [
+            r
+            for r in (range(self.size) if ranks is None else ranks)
+            if r != self.rank and r not in self._stop_sent
+        ]
+        self._stop_sent.update(targets)
+        pending = [self.comm.isend(int(code), dest=r, tag=STOP_TAG) for r in targets]
+        deadline = time.monotonic() + _SEND_GRACE_S
+        while pending and time.monotonic() < deadline:
+            pending = [r for r in pending if not r.test()[0]]
+            if pending:
+                time.sleep(0.01)
+
+    def stop_all(self, code: int) -> None:
+        """Stop worker ranks first (they leave the schedulers cleanly), then everyone else."""
+        worker_ranks = [r for r in range(self.size) if self._role_of(r).kind == "worker"]
+        self.send_stop(code, worker_ranks)
+        if worker_ranks and self.addresses:
+            from .runtime.admin import SchedulerAdmin
+
+            admin = SchedulerAdmin(self.addresses, timeout=1.0)
+            try:
+                deadline = time.monotonic() + 2 * _POLL_S + 2.0
+                while time.monotonic() < deadline:
+                    infos = admin.info(timeout=1.0)
+                    if not any(
+                        w["name"] == f"mpi-rank-{r}"
+                        for i in infos
+                        for w in i["workers"]
+                        for r in worker_ranks
+                    ):
+                        break
+                    time.sleep(0.02)
+            finally:
+                admin.close()
+        self.send_stop(code)
+
+    def _role_of(self, rank: int) -> Role:
+        o = self.opts
+        return role_for(
+            rank,
+            self.size,
+            o.n_schedulers,
+            o.client_rank,
+            o.workers_everywhere,
+            has_client=o.has_client,
+        )
+
+    def shutdown_local(self) -> None:
+        """Stop this rank's worker and scheduler."""
+        if self.worker is not None:
+            self.worker.stop()
+            if self.worker_thread is not None:
+                self.worker_thread.join(10)
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    def serve(self) -> int:
+        """Serve until STOP (or a signal); return the exit code to use."""
+        while not self.stopped.wait(0.2):
+            pass
+        if self.watcher is not None:
+            self.watcher.join(5)  # it cancels its receive: no MPI call pending at finalize
+        self.shutdown_local()
+        _arm_exit_watchdog(self.exit_code)
+        return self.exit_code
+
+    def wait_for_workers(self, timeout: float) -> None:
+        """Wait (bounded) until every expected worker registered with the schedulers."""
+        from .runtime.admin import SchedulerAdmin
+
+        expected = sum(self._role_of(r).runs_worker for r in range(self.size))
+        admin = SchedulerAdmin(self.addresses, timeout=2.0)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                infos = admin.info(timeout=2.0)
+                if infos and all(len(i["workers"]) >= expected for i in infos):
+                    return
+                time.sleep(0.05)
+            log.warning("not all %d MPI workers registered within %.0f s", expected, timeout)
+        finally:
+            admin.close()
+
+
+def _comm() -> Any:
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(
+            "the MPI bootstrap needs mpi4py: pip install 'jobqueue-ms[mpi]' (or mpi4py mpich)"
+        ) from exc
+    return MPI.COMM_WORLD
+
+
+def _bootstrap(opts: _Options) -> _Node:
+    """Compute this rank's role (fails before any startup) and start it."""
+    comm = _comm()
+    role = role_for(
+        comm.Get_rank(),
+        comm.Get_size(),
+        opts.n_schedulers,
+        opts.client_rank,
+        opts.workers_everywhere,
+        has_client=opts.has_client,
+    )
+    node = _Node(comm, role, opts)
+    node.start()
+    return node
+
+
+def _become_client(node: _Node) -> Client:
+    from .runtime.client import Client
+
+    global _client, _addresses
+    _addresses = list(node.addresses)
+    os.environ["JOBQUEUE_MS_SCHEDULER"] = ",".join(node.addresses)
+    os.environ.pop("JOBQUEUE_MS_SCHEDULER_FILE", None)
+    node.wait_for_workers(timeout=60.0)
+    _client = Client(list(node.addresses))
+    return _client
+
+
+def _finish_client(node: _Node, code: int) -> None:
+    """Close the client, tell every rank to stop with ``code``, stop our own services."""
+    global _client
+    if _client is not None:
+        try:
+            _client.shutdown(wait=False, cancel_futures=True)
+        except Exception:  # pragma: no cover - best effort
+            log.exception("closing the MPI client failed")
+        _client = None
+    node.stop_all(code)
+    node.shutdown_local()
+    _arm_exit_watchdog(code)
+
+
+def _arm_exit_watchdog(code: int) -> None:
+    """Leave with ``code`` if the process is still alive (e.g. stuck in MPI_Finalize) later."""
+
+    def leave() -> None:
+        print(
+            f"jobqueue-ms mpi: MPI_Finalize did not return within {_FINALIZE_TIMEOUT_S:g} s "
+            "(a peer rank probably died); leaving without it",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(code)
+
+    t = threading.Timer(_FINALIZE_TIMEOUT_S, leave)
+    t.daemon = True
+    t.start()
+
+
+def _run_script(path: str, args: list[str]) -> int:
+    """Run ``path`` as ``__main__`` with ``sys.argv`` set; return its exit code."""
+    old_argv = sys.argv
+    sys.argv = [path, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        runpy.run_path(path, run_name="__main__")
+        return 0
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code
+        print(exc.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return 130
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = old_argv
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _install_signal_handlers(node: _Node) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        node.exit_code = 0
+        node.stopped.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# ============================================================================ in-script form
+
+
+def initialize(
+    n_schedulers: int = 1,
+    threads_per_worker: int = 1,
+    memory_limit: str | None = None,
+    client_rank: int | None = None,
+    workers_everywhere: bool = False,
+    host: str | None = None,
+) -> Client:
+    """Turn an ``mpirun``-started script into a deployment; only the client rank returns.
+
+    Every other rank serves (scheduler and/or worker) and calls ``sys.exit`` with the client
+    rank's exit code once the client rank finishes (an ``atexit`` hook there sends the stop).
+
+    Examples
+    --------
+    >>> from jobqueue_ms.mpi import initialize
+    >>> client = initialize(n_schedulers=2)      # doctest: +SKIP
+    >>> client.submit(sum, [1, 2]).result()      # doctest: +SKIP
+    3
+    """
+    opts = _Options(
+        n_schedulers=n_schedulers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit,
+        client_rank=client_rank,
+        workers_everywhere=workers_everywhere,
+        host=host,
+    )
+    node = _bootstrap(opts)
+    if node.role.kind != "client":
+        _install_signal_handlers(node)
+        sys.exit(node.serve())
+    c = _become_client(node)
+    state = {"code": 0}
+    prev_hook = sys.excepthook
+
+    def excepthook(t: Any, v: Any, tb: Any) -> None:
+        state["code"] = 1
+        prev_hook(t, v, tb)
+
+    sys.excepthook = excepthook
+    atexit.register(lambda: _finish_client(node, state["code"]))
+    return c
+
+
+# ============================================================================ command line
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run schedulers, workers and a client script inside one MPI allocation.",
+    )
+    p.add_argument("--schedulers", type=int, default=1, metavar="N", help="scheduler ranks")
+    p.add_argument("--threads-per-worker", type=int, default=1, metavar="T")
+    p.add_argument("--memory-limit", default=None, metavar="M", help="per worker, e.g. 4GiB")
+    p.add_argument("--client-rank", type=int, default=None, metavar="R")
+    p.add_argument(
+        "--workers-everywhere",
+        action="store_true",
+        help="also run a worker on the scheduler and client ranks",
+    )
+    p.add_argument("--host", default=None, help="address to listen on (default: the hostname's)")
+    p.add_argument(
+        "--no-script", action="store_true", help="service mode: serve, write --scheduler-file"
+    )
+    p.add_argument("--scheduler-file", default=None, metavar="F")
+    p.add_argument("script", nargs="?", help="the client script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m jobqueue_ms.mpi") -> int:
+    """Entry of ``python -m jobqueue_ms.mpi`` and ``jobqueue-ms mpi``; returns the exit code."""
+    p = _parser(prog)
+    a = p.parse_args(argv)
+    if a.no_script:
+        if a.script:
+            p.error("--no-script takes no script")
+        if not a.scheduler_file:
+            p.error(
+                "--no-script needs --scheduler-file F (how outside clients find the schedulers)"
+            )
+    elif not a.script:
+        p.error("give a script to run (or --no-script --scheduler-file F for service mode)")
+    opts = _Options(
+        n_schedulers=a.schedulers,
+        threads_per_worker=a.threads_per_worker,
+        memory_limit=a.memory_limit,
+        client_rank=a.client_rank,
+        workers_everywhere=a.workers_everywhere,
+        scheduler_file=a.scheduler_file,
+        host=a.host,
+        has_client=not a.no_script,
+    )
+    try:
+        comm = _comm()
+        role_for(
+            comm.Get_rank(),
+            comm.Get_size(),
+            opts.n_schedulers,
+            opts.client_rank,
+            opts.workers_everywhere,
+            has_client=opts.has_client,
+        )
+    except (ValueError, ImportError) as exc:
+        if "comm" not in locals() or comm.Get_rank() == 0:
+            print(f"jobqueue-ms mpi: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        node = _bootstrap(opts)
+    except Exception as exc:
+        print(f"jobqueue-ms mpi: error on rank {comm.Get_rank()}: {exc}", file=sys.stderr)
+        return 1
+    if node.role.kind != "client":
+        _install_signal_handlers(node)
+        if opts.scheduler_file and node.role.scheduler_index == 0:
+            from .runtime.scheduler import write_scheduler_file
+
+            write_scheduler_file(opts.scheduler_file, node.addresses, node.cluster_id)
+            print(f"jobqueue-ms mpi: schedulers at {', '.join(node.addresses)}", flush=True)
+        return node.serve()
+    code = 1
+    try:
+        _become_client(node)
+        code = _run_script(a.script, a.args)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finally:
+        _finish_client(node, code)
+    return code
+
+
+if __name__ == "__main__":
+    # run the imported module, not this __main__ copy: scripts use jobqueue_ms.mpi.client()
+    from jobqueue_ms.mpi import main as _main
+
+    sys.exit(_main())
