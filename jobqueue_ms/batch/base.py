@@ -461,7 +461,8 @@ class BatchCluster(Cluster):
             memory_limit=self.spec.worker_memory_bytes,
             lifetime=(f"{self.spec.worker_lifetime_s}s" if self.spec.worker_lifetime_s else None),
             poll_interval=f"{self.settings.poll_interval_s}s",
-            python=self.spec.python,
+            # python= is the compute nodes' interpreter, in the job script; local schedulers
+            # run with this one.
         )
         self._start()
 
