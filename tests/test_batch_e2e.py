@@ -1,0 +1,214 @@
+"""End to end with real workers: LocalCluster, then SLURMCluster and SGECluster on real daemons.
+
+One parametrized fixture gives the same test a LocalCluster and a cluster on each real queue:
+scale to two jobs, compute through the Client, see the workers, scale to zero and see the jobs
+leave the queue. The rest are batch-only: a job cancelled behind the cluster's back, a job whose
+prologue fails, a job spanning two SLURM nodes, and the schedulers in their own SLURM job.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+import pytest
+from helpers import wait_until
+
+from jobqueue_ms import Client
+from jobqueue_ms.config import Config
+from jobqueue_ms.deploy.cluster import Cluster, ClusterError, JobState
+from jobqueue_ms.deploy.local import LocalCluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+HEARTBEAT = {"JOBQUEUE_MS_HEARTBEAT_TIMEOUT": "3"}
+
+
+@pytest.fixture(autouse=True)
+def fast_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Notice lost workers in seconds (the client and local schedulers read this)."""
+    for key, value in HEARTBEAT.items():
+        monkeypatch.setenv(key, value)
+
+
+def batch_options(system: str, queue: Any, tmp_path) -> dict[str, Any]:
+    """Options for one-core jobs on the test queue (``queue``: the slurm or sge fixture).
+
+    The prologue carries the heartbeat setting: SGE jobs do not inherit our environment.
+    """
+    options: dict[str, Any] = {
+        "cores": 1,
+        "memory": "2GiB",
+        "walltime": "00:10:00",
+        "python": sys.executable,
+        "log_directory": str(tmp_path),
+        "poll_interval": 0.5,
+        "job_script_prologue": [f"export {k}={v}" for k, v in HEARTBEAT.items()],
+        "config": Config(),
+    }
+    if system == "slurm":
+        options["queue"] = queue.partition
+    else:
+        options.update(queue=queue.queue, pe=queue.parallel_environment)
+    return options
+
+
+@pytest.fixture(params=["local", "slurm", "sge"])
+def make_cluster(request, tmp_path) -> Iterator[Callable[..., Cluster]]:
+    """A factory of clusters of one kind, each closed at teardown."""
+    made: list[Cluster] = []
+
+    def make(**kwargs: Any) -> Cluster:
+        if request.param == "local":
+            cluster: Cluster = LocalCluster(n_workers=0, **kwargs)
+        else:
+            from jobqueue_ms.batch.base import BatchCluster
+
+            queue = request.getfixturevalue(request.param)
+            options = {**batch_options(request.param, queue, tmp_path), **kwargs}
+            cluster = BatchCluster.for_system(request.param)(**options)
+        made.append(cluster)
+        return cluster
+
+    make.kind = request.param  # type: ignore[attr-defined]
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
+def queued_ids(kind: str) -> set[str]:
+    """Job ids the real queue still lists."""
+    if kind == "slurm":
+        out = subprocess.run(
+            ["squeue", "--noheader", "--format=%i"], capture_output=True, text=True
+        )
+        return {line.split("_")[0] for line in out.stdout.split()}
+    out = subprocess.run(["qstat", "-u", "*"], capture_output=True, text=True)
+    return {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
+
+
+def test_scale_compute_and_leave_the_queue(make_cluster):
+    cluster = make_cluster(n_schedulers=2)
+    cluster.scale(jobs=2)
+    cluster.wait_for_workers(2, timeout=120)
+    with Client(cluster) as client:
+        assert list(client.map(pow, range(30), [2] * 30)) == [x * x for x in range(30)]
+    records = list(cluster.jobs.values())
+    assert sorted(cluster.workers) == sorted(f"{r.name}-0" for r in records)
+    wait_until(
+        lambda: all(r.state == JobState.RUNNING for r in records), timeout=30, message=cluster
+    )
+    assert all(r.queued_s is not None for r in records)
+
+    cluster.scale(0)  # graceful: the workers retire and the jobs end
+    wait_until(lambda: all(r.state.finished for r in records), timeout=120, message=lambda: cluster)
+    assert {r.state for r in records} <= {JobState.COMPLETED, JobState.CANCELLED}
+    if make_cluster.kind == "local":
+        assert not any(psutil.pid_exists(r.info["pid"]) for r in records)
+    else:
+        ids = {r.job_id for r in records}
+        wait_until(lambda: not ids & queued_ids(make_cluster.kind), timeout=60)
+    cluster.close()
+
+
+@pytest.fixture(params=["slurm", "sge"])
+def batch(request, tmp_path) -> Iterator[Callable[..., Cluster]]:
+    """A factory of batch clusters on one real queue, each closed at teardown."""
+    from jobqueue_ms.batch.base import BatchCluster
+
+    made: list[Cluster] = []
+
+    def make(**kwargs: Any) -> Cluster:
+        queue = request.getfixturevalue(request.param)
+        options = {**batch_options(request.param, queue, tmp_path), **kwargs}
+        cluster = BatchCluster.for_system(request.param)(**options)
+        made.append(cluster)
+        return cluster
+
+    make.kind = request.param  # type: ignore[attr-defined]
+    yield make
+    ids = set()
+    for cluster in made:
+        cluster.close()
+        ids |= {r.job_id for r in cluster.jobs.values() if r.job_id}
+    wait_until(lambda: not ids & queued_ids(request.param), timeout=60)
+
+
+def test_a_job_cancelled_outside_is_cancelled_and_its_tasks_rerun(batch):
+    cluster = batch()
+    cluster.scale(jobs=2)
+    cluster.wait_for_workers(2, timeout=120)
+    with Client(cluster) as client:
+        futures = [client.submit(time.sleep, 1.0) for _ in range(6)]
+        wait_until(lambda: sum(w["running"] for w in cluster.workers.values()) >= 2, timeout=30)
+        victim = sorted(cluster.jobs.values(), key=lambda r: r.name)[0]
+        cancel = ["scancel"] if batch.kind == "slurm" else ["qdel"]
+        subprocess.run([*cancel, victim.job_id], check=True, capture_output=True)
+        for f in futures:
+            assert f.result(timeout=120) is None  # every task completes: the lost ones rerun
+    wait_until(lambda: victim.state.finished, timeout=60, message=lambda: cluster)
+    assert victim.state == JobState.CANCELLED
+    wait_until(lambda: len(cluster.workers) == 2, timeout=120, message=lambda: cluster)
+    assert len(cluster.jobs) == 3  # the cancelled job was replaced
+
+
+def test_a_job_that_fails_at_start_raises_with_its_log_tail(batch):
+    cluster = batch(job_script_prologue=["echo 'prologue broke: no such module' >&2", "exit 3"])
+    cluster.scale(jobs=1)
+    with pytest.raises(ClusterError) as info:
+        cluster.wait_for_workers(1, timeout=180)
+    message = str(info.value)
+    assert "failed before any worker connected" in message
+    assert "prologue broke: no such module" in message
+    assert all(r.state == JobState.FAILED for r in cluster.jobs.values())
+
+
+def test_a_two_node_slurm_job_starts_workers_on_both_nodes(slurm, tmp_path):
+    from jobqueue_ms.batch.slurm import SLURMCluster
+
+    options = batch_options("slurm", slurm, tmp_path)
+    with SLURMCluster(nodes=2, **options) as cluster:
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(2, timeout=120)
+        (record,) = cluster.jobs.values()
+        assert sorted(cluster.workers) == [f"{record.name}-0", f"{record.name}-1"]
+        nodes = {
+            psutil.Process(w["pid"]).environ().get("SLURMD_NODENAME")
+            for w in cluster.workers.values()
+        }
+        assert len(nodes) == 2 and None not in nodes, nodes
+        with Client(cluster) as client:
+            assert client.submit(pow, 12, 2).result(timeout=60) == 144
+
+
+def test_schedulers_in_their_own_slurm_job(slurm, tmp_path):
+    from jobqueue_ms.batch.slurm import SLURMCluster
+
+    options = batch_options("slurm", slurm, tmp_path)
+    cluster = SLURMCluster(
+        scheduler_placement="job",
+        n_schedulers=2,
+        shared_directory=str(tmp_path / "shared"),
+        scheduler_options={"memory": "1GiB"},
+        **options,
+    )
+    try:
+        out = subprocess.run(
+            ["squeue", "--noheader", "--format=%i", f"--name={cluster.name}-scheduler"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        (scheduler_job_id,) = out  # the schedulers run in this job
+        assert len(cluster.scheduler_addresses) == 2
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(1, timeout=120)
+        with Client(cluster) as client:
+            assert list(client.map(pow, range(10), [2] * 10)) == [x * x for x in range(10)]
+    finally:
+        cluster.close()
+    ids = {scheduler_job_id} | {r.job_id for r in cluster.jobs.values()}
+    wait_until(lambda: not ids & queued_ids("slurm"), timeout=60)
