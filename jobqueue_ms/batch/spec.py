@@ -178,9 +178,9 @@ class JobSpec:
         if unknown:
             name = unknown[0]
             close = difflib.get_close_matches(name, sorted(allowed), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(
-                f"{owner}() got an unknown option {name!r}{hint} "
+                f"{owner}() got an unknown option {name!r}{hint}. "
                 f"Accepted options: {', '.join(sorted(allowed))}"
             )
         opts = dict(options)
