@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 
@@ -28,6 +29,10 @@ def test_derived_numbers():
     assert spec(walltime="00:05:00").worker_lifetime_s == 270  # at most a tenth early
     assert spec().worker_lifetime_s is None
     assert spec(processes=2, nodes=3, job_array=4).workers_per_job == 24
+
+
+def test_log_directory_is_expanded_here():
+    assert spec(log_directory="~/logs").log_directory == os.path.expanduser("~/logs")
 
 
 def test_walltime_forms():
@@ -64,7 +69,11 @@ def test_resources_forms():
         ({"walltime": "soon"}, ValueError, "walltime='soon' is not a duration; use HH:MM:SS"),
         ({"walltime": "00:00:00"}, ValueError, "walltime='00:00:00' must be positive"),
         ({"walltime": [1]}, ValueError, r"walltime=\[1\] is not a duration"),
-        ({"memroy": "1GB"}, TypeError, r"unknown option 'memroy' \(did you mean 'memory'\?\)\. Accepted"),
+        (
+            {"memroy": "1GB"},
+            TypeError,
+            r"unknown option 'memroy' \(did you mean 'memory'\?\)\. Accepted",
+        ),
         ({"pbs_flavor": "pro"}, TypeError, "SLURMCluster\\(\\) got an unknown option 'pbs_flavor'"),
         ({"processes": 3}, ValueError, "cores=8 is not a multiple of processes=3.*processes=2"),
         ({"processes": 16}, ValueError, "processes=16 is more than cores=8"),
@@ -79,6 +88,7 @@ def test_resources_forms():
         ({"gpus": -1}, ValueError, "gpus=-1 must be at least 1"),
         ({"shebang": "bash"}, ValueError, "shebang='bash' is not a '#!' line"),
         ({"log_directory": "a\nb"}, ValueError, "log_directory='a\\\\nb' is not a path"),
+        ({"log_directory": "/my logs"}, ValueError, "cannot go in a directive line"),
         ({"nodes": 2, "_system": "sge"}, ValueError, "nodes=2: SGECluster starts the workers"),
         ({"pe": "", "_system": "sge"}, ValueError, "pe='' is not a single word"),
         ({"pbs_flavor": "slurm", "_system": "pbs"}, ValueError, "pbs_flavor='slurm' is not one of"),

@@ -449,6 +449,8 @@ class BatchCluster(Cluster):
         self.spec = self._spec_from(options)
         self.scheduler_spec = self._make_scheduler_spec()
         self._check_template()
+        if self.spec.log_directory:  # the queues write there but do not create it
+            Path(self.spec.log_directory).expanduser().mkdir(parents=True, exist_ok=True)
         self.workers_per_job = self.spec.workers_per_job
         self.threads_per_worker = self.spec.threads
         self._vanished: dict[str, float] = {}
@@ -766,10 +768,8 @@ class BatchCluster(Cluster):
     def _start_scheduler_job(self) -> list[str]:
         """Submit the scheduler job, wait for its scheduler files, return the addresses."""
         shared = Path(
-            self.settings.shared_directory
-            or self.spec.log_directory
-            or Path("~/.jobqueue-ms").expanduser()
-        )
+            self.settings.shared_directory or self.spec.log_directory or "~/.jobqueue-ms"
+        ).expanduser()
         self._scheduler_dir = shared / self.name
         self._scheduler_dir.mkdir(parents=True, exist_ok=True)
         files = [str(self._scheduler_dir / f"sched-{i}.json") for i in range(self.n_schedulers)]

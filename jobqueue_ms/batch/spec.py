@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -217,9 +218,11 @@ class JobSpec:
         for name in ("job_script_prologue", "job_script_epilogue"):
             if opts.get(name) is not None:
                 kwargs[name] = _lines(name, opts.pop(name), single_line=False)
-        for name in ("python", "local_directory", "log_directory"):
+        for name in ("python", "local_directory"):
             if opts.get(name) is not None:
                 kwargs[name] = _path(name, opts.pop(name))
+        if opts.get("log_directory") is not None:
+            kwargs["log_directory"] = _log_directory(opts.pop("log_directory"))
         if opts.get("resources") is not None:
             kwargs["resources"] = _resources(opts.pop("resources"))
         if opts.get("shebang") is not None:
@@ -358,6 +361,17 @@ def _path(name: str, value: Any) -> str:
     text = str(value)
     if not text.strip() or "\n" in text or "\r" in text:
         raise ValueError(f"{name}={value!r} is not a path; use a path on one line, like '/scratch'")
+    return text
+
+
+def _log_directory(value: Any) -> str:
+    """A directory for directive lines: ``~`` expanded here, no blanks or quotes."""
+    text = os.path.expanduser(_path("log_directory", value))
+    if not _TOKEN_RE.match(text):
+        raise ValueError(
+            f"log_directory={value!r} cannot go in a directive line; use a path without "
+            "blanks, quotes or shell characters, like '/scratch/me/logs'"
+        )
     return text
 
 
