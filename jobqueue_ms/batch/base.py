@@ -409,7 +409,8 @@ class BatchCluster(Cluster):
         unknown = set(cls.system_options) - set(JobSpec.SYSTEM_OPTIONS)
         if unknown:
             raise TypeError(f"{cls.__name__}.system_options has unknown {sorted(unknown)}")
-        _SYSTEMS[cls.system] = cls
+        if "system" in vars(cls):  # a site's subclass of SLURMCluster does not replace it
+            _SYSTEMS[cls.system] = cls
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ import re
 
 from ..deploy.cluster import JobState
 from .base import BatchCluster, CommandError, Observation, ended_state, run_command
+from .spec import JobSpec
 
 # qstat(1), "state": letters combine (h hold, q queued, w waiting, r running, t transferring,
 # R restarted, s/S/T suspended, E error, d deletion). Suspended jobs do no work, so they count
@@ -98,7 +99,7 @@ class SGECluster(BatchCluster):
                 observed.setdefault(words[0], []).append(Observation(words[4]))
         return observed
 
-    def _first_array_index(self, spec: object) -> int:
+    def _first_array_index(self, spec: JobSpec) -> int:
         return 1  # -t 1-n
 
     def _observe_finished(self, ids: list[str]) -> dict[str, list[Observation]]:

@@ -76,6 +76,8 @@ class SLURMCluster(BatchCluster):
     # squeue exits 1 with this when every id it was given has left the controller.
     unknown_id_pattern = r"Invalid job id specified"
     multi_node = True  # slurm.sh.j2 starts the workers of every node with srun
+    # Set once sacct said "Slurm accounting storage is disabled", so it is not asked again.
+    _no_accounting = False
 
     def _status_argv(self, ids: list[str]) -> list[str]:
         """squeue takes one comma-separated --jobs list."""
@@ -127,8 +129,6 @@ class SLURMCluster(BatchCluster):
             if found:
                 observed[job_id] = [Observation(state) for state in found]
         return observed
-
-    _no_accounting = False
 
     def _state_from_log(self, log_tail: str) -> JobState | None:
         """slurmstepd writes ``*** JOB 5 ON n1 CANCELLED AT ... DUE TO TIME LIMIT ***``."""

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -254,14 +254,6 @@ class JobSpec:
                 f"{self.cores % self.processes} core(s) would sit idle; use e.g. "
                 f"processes={_largest_divisor(self.cores, self.processes)}"
             )
-
-    def replace(self, **changes: Any) -> JobSpec:
-        """Return a copy with some fields changed (field names, already converted)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        spec = type(self)(**values)
-        spec._check_consistency()
-        return spec
 
 
 def _section(owner: str) -> str:
