@@ -29,6 +29,12 @@ HEARTBEAT = {"JOBQUEUE_MS_HEARTBEAT_TIMEOUT": "3"}
 
 
 @pytest.fixture(autouse=True)
+def submit_from_tmp_path(tmp_path, monkeypatch) -> None:
+    """Jobs are submitted (and SGE jobs run) from the test's directory, not the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def fast_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
     """Notice lost workers in seconds (the client and local schedulers read this)."""
     for key, value in HEARTBEAT.items():

@@ -28,6 +28,12 @@ S = JobState
 _counter = itertools.count(1)
 
 
+@pytest.fixture(autouse=True)
+def submit_from_tmp_path(tmp_path, monkeypatch):
+    """Submit from the test's directory: the PBS shim writes <script>.o<id> where qsub runs."""
+    monkeypatch.chdir(tmp_path)
+
+
 def fake_python(tmp_path: Path, *, sleep: float = 1, exit_code: int = 0) -> tuple[str, Path]:
     """A stand-in interpreter: writes <calls>/<worker name>.args, sleeps, exits."""
     calls = tmp_path / "calls"
