@@ -230,3 +230,88 @@ def demo(n_schedulers: int, n_workers: int, n_tasks: int) -> None:
     from .demo import run_demo
 
     run_demo(n_schedulers=n_schedulers, n_workers=n_workers, n_tasks=n_tasks, echo=click.echo)
+
+
+# ---------------------------------------------------------------------------- render (issue 3)
+# Options mirror BatchCluster's (docs/batch.md); an option not given leaves the config file's.
+_RENDER_MANY = {
+    "job_extra_directive": "job_extra_directives",
+    "job_directives_skip": "job_directives_skip",
+    "job_script_prologue": "job_script_prologue",
+    "job_script_epilogue": "job_script_epilogue",
+    "worker_extra_arg": "worker_extra_args",
+    "resource": "resources",
+    "memory_resource": "memory_resources",
+    "template_dir": "template_dirs",
+}
+
+
+@main.command()
+@click.option(
+    "--system",
+    required=True,
+    type=click.Choice(["slurm", "sge", "pbs", "lsf"]),
+    help="Batch system whose job script to print.",
+)
+@click.option(
+    "--role", default="worker", show_default=True, type=click.Choice(["worker", "scheduler"])
+)
+@click.option("--cores", type=int, default=None, help="Cores per node, e.g. 8.")
+@click.option("--memory", default=None, help="Memory per node, e.g. 16GiB.")
+@click.option("--processes", type=int, default=None, help="Worker processes per node.")
+@click.option("--nodes", type=int, default=None, help="Nodes per job (SLURM).")
+@click.option("--queue", default=None)
+@click.option("--account", default=None)
+@click.option("--project", default=None, help="Same setting as --account.")
+@click.option("--walltime", default=None, help="HH:MM:SS, minutes or D-HH:MM:SS.")
+@click.option("--job-name", default=None)
+@click.option("--job-extra-directive", multiple=True, help="Extra directive line (repeatable).")
+@click.option("--job-directives-skip", multiple=True, help="Drop directives containing this.")
+@click.option("--job-script-prologue", multiple=True, help="Shell line before the workers.")
+@click.option("--job-script-epilogue", multiple=True, help="Shell line after the workers.")
+@click.option("--worker-extra-arg", multiple=True, help="Extra worker argument (repeatable).")
+@click.option("--python", default=None, help="Interpreter on the compute nodes.")
+@click.option("--local-directory", default=None)
+@click.option("--log-directory", default=None)
+@click.option("--interface", default=None, help="Network interface, e.g. ib0.")
+@click.option("--gpus", type=int, default=None)
+@click.option("--resource", multiple=True, help="Worker resource NAME=AMOUNT (repeatable).")
+@click.option("--job-array", type=int, default=None, help="Array tasks per submission.")
+@click.option("--shebang", default=None)
+@click.option("--pe", default=None, help="SGE parallel environment.")
+@click.option("--memory-resource", multiple=True, help="SGE memory resource (repeatable).")
+@click.option("--pbs-flavor", default=None, type=click.Choice(["pro", "torque"]))
+@click.option("--lsf-units", default=None, help="LSF_UNIT_FOR_LIMITS (default: lsf.conf).")
+@click.option("--n-schedulers", type=int, default=1, show_default=True)
+@click.option("--scheduler-address", multiple=True, help="tcp://host:port (repeatable).")
+@click.option("--name", default=None, help="Job name in the script (default <job-name>-1).")
+@click.option("--template", default=None, help="Template file replacing the system's.")
+@click.option("--template-dir", multiple=True, help="Directory shadowing built-in templates.")
+@click.option("--shared-directory", default=None, help="Where scheduler files go.")
+def render(
+    system: str,
+    role: str,
+    n_schedulers: int,
+    scheduler_address: tuple[str, ...],
+    name: str | None,
+    **given: object,
+) -> None:
+    """Print the job script a batch cluster would submit, starting nothing."""
+    from .batch.base import render_job_script
+
+    options: dict[str, object] = {}
+    for key, value in given.items():
+        if key in _RENDER_MANY:
+            if value:
+                options[_RENDER_MANY[key]] = list(value)  # type: ignore[call-overload]
+        elif value is not None:
+            options[key] = value
+    script = render_job_script(
+        system,
+        role=role,
+        n_schedulers=n_schedulers,
+        scheduler_addresses=list(scheduler_address),
+        name=name,
+        **options,
+    )
+    click.echo(script, nl=False)

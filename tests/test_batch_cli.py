@@ -11,10 +11,6 @@ from jobqueue_ms.batch.base import render_job_script
 from jobqueue_ms.cli import main
 from jobqueue_ms.config import ENV_SITE_CONFIG, ENV_USER_CONFIG
 
-pytestmark = pytest.mark.skipif(
-    "render" not in main.commands, reason="the render command is not in jobqueue_ms/cli.py yet"
-)
-
 
 @pytest.fixture
 def runner(tmp_path, monkeypatch) -> CliRunner:
@@ -78,3 +74,29 @@ def test_render_the_scheduler_job(runner):
     assert result.exit_code == 0, result.output
     assert result.output.count(" -m jobqueue_ms scheduler ") == 2
     assert "#PBS -l nodes=1:ppn=2,mem=4gb\n" in result.output
+
+
+def test_render_with_a_shadowing_template_directory_and_an_array(runner, tmp_path):
+    (tmp_path / "slurm.sh.j2").write_text(
+        '{% extends "base.sh.j2" %}\n'
+        "{% block directives %}#SBATCH --job-name={{ name }} # site template{% endblock %}\n"
+        "{% block array_task_index %}SLURM_ARRAY_TASK_ID{% endblock %}\n"
+    )
+    args = ["render", "--system", "slurm", "--cores", "2", "--memory", "1GiB", "--job-array", "3",
+            "--resource", "GPU=1", "--template-dir", str(tmp_path), "--name", "site-7",
+            "--scheduler-address", "tcp://10.0.0.1:8786"]  # fmt: skip
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output == render_job_script(
+        "slurm",
+        cores=2,
+        memory="1GiB",
+        job_array=3,
+        resources=["GPU=1"],
+        template_dirs=[str(tmp_path)],
+        name="site-7",
+        scheduler_addresses=["tcp://10.0.0.1:8786"],
+    )
+    assert result.output.splitlines()[1] == "#SBATCH --job-name=site-7 # site template"
+    assert "--scheduler tcp://10.0.0.1:8786\n" in result.output
+    assert "--resources GPU=1\n" in result.output
