@@ -315,3 +315,91 @@ def render(
         **options,
     )
     click.echo(script, nl=False)
+
+
+# ---------------------------------------------------------------------------- submit (issue 5)
+# One batch job running the MPI bootstrap (jobqueue_ms/submit.py, docs/mpi.md). Values are taken
+# as text and validated there, so every bad value gives one line naming it, before submitting.
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option("--system", default=None, help="slurm, sge, pbs or lsf.")
+@click.option("--nodes", default=None, help="Nodes to allocate (default 1).")
+@click.option("--tasks-per-node", default=None, help="MPI ranks per node (default 4).")
+@click.option("--cpus-per-task", default=None, help="Cores per rank = threads per worker (1).")
+@click.option("--schedulers", default=None, help="Scheduler ranks (default 1).")
+@click.option("--walltime", default=None, help="HH:MM:SS, minutes or D-HH:MM:SS.")
+@click.option("--memory", default=None, help="Memory per node, e.g. 16GiB (default: queue's).")
+@click.option("--memory-limit", default=None, help="Memory limit per worker rank, e.g. 4GiB.")
+@click.option("--queue", default=None, help="Queue or partition.")
+@click.option("--account", default=None, help="Account or project to charge.")
+@click.option("--launcher", default=None, help="mpiexec (default), mpirun or srun (SLURM).")
+@click.option("--launcher-arg", multiple=True, help="Extra launcher argument (repeatable).")
+@click.option("--prologue", multiple=True, help="Shell line run first, e.g. 'module load mpi'.")
+@click.option("--python", default=None, help="Interpreter in the job (default: this one).")
+@click.option("--job-name", default=None, help="Job name (default jqms-<script name>).")
+@click.option("--log-directory", default=None, help="Where output and exit code go (default .).")
+@click.option("--workdir", default=None, help="Directory the job runs in (default .).")
+@click.option("--workers-everywhere/--no-workers-everywhere", default=None, help="Every rank too.")
+@click.option("--pe", default=None, help="SGE parallel environment (default smp).")
+@click.option("--pbs-flavor", default=None, help="PBS: pro (default) or torque.")
+@click.option("--dry-run", is_flag=True, help="Print the job script; submit nothing.")
+@click.option("--wait", is_flag=True, help="Follow the job; exit with the script's exit code.")
+@click.argument("script", required=False)
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+def submit(
+    system: str | None,
+    script: str | None,
+    script_args: tuple[str, ...],
+    launcher_arg: tuple[str, ...],
+    prologue: tuple[str, ...],
+    dry_run: bool,
+    wait: bool,
+    **options: object,
+) -> None:
+    """Submit one batch job that runs SCRIPT under the MPI bootstrap; print its job id."""
+    from .submit import SubmitError, build_spec, render_submit_script
+    from .submit import submit as submit_job
+
+    if launcher_arg:
+        options["launcher_args"] = list(launcher_arg)
+    if prologue:
+        options["prologue"] = list(prologue)
+    try:
+        spec = build_spec(system, script, script_args, **options)
+    except SubmitError as exc:
+        click.echo(f"jobqueue-ms submit: error: {' '.join(str(exc).split())}", err=True)
+        sys.exit(2)
+    if dry_run:
+        click.echo(render_submit_script(spec), nl=False)
+        return
+    job = submit_job(spec)
+    click.echo(job.job_id)
+
+    def say(text: str) -> None:
+        click.echo(f"jobqueue-ms submit: {text}", err=True)
+
+    say(f"job {job.job_id} ({spec.name}) submitted to {spec.system}; output: {job.log_path}")
+    if not wait:
+        return
+    try:
+        outcome = job.wait(
+            on_state=lambda state: say(
+                f"job {job.job_id} "
+                + ("is no longer listed by the queue" if state.value == "UNKNOWN" else state.value)
+            )
+        )
+    except KeyboardInterrupt:
+        say(f"stopped following job {job.job_id}; it goes on (cancel: {job.cancel_command})")
+        sys.exit(130)
+    output = job.output()
+    if output is None:
+        say(f"no output at {job.log_path}")
+    else:
+        click.echo(output, nl=False)
+    if outcome.recorded:
+        say(f"job {job.job_id} {outcome.state.value}, script exit code {outcome.exit_code}")
+    else:
+        say(
+            f"job {job.job_id} {outcome.state.value} without recording the script's exit "
+            f"code at {job.exit_path}; exit code 1"
+        )
+    sys.exit(outcome.exit_code)
