@@ -493,3 +493,47 @@ def test_lsf_standin_wait(lsf_standin, mpi, job_name, work, tmp_path, code):
     assert got["sum"] == sum(x * x for x in range(100))
     assert got["schedulers"] == 2
     assert (tmp_path / f"{job_name}-{job_id}.exit").read_text() == f"{code}\n"
+
+
+@pytest.mark.slow
+def test_slurm_cancelled_job_ends_wait_with_exit_code_1(slurm, mpi, job_name, tmp_path):
+    """A job killed before the script ends records no exit code: --wait says so and exits 1."""
+    (tmp_path / "sleepy.py").write_text(
+        "import time\nfrom jobqueue_ms.mpi import client\n"
+        "client()\nprint('STARTED', flush=True)\ntime.sleep(600)\n"
+    )
+    args = ["--system", "slurm", "--nodes", "2", "--tasks-per-node", "2"]
+    args += ["--job-name", job_name, "--wait"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobqueue_ms", "submit", *args, "sleepy.py"],
+        cwd=tmp_path,
+        env={**os.environ, **FAST_POLL},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def started() -> bool:
+        assert proc.poll() is None, proc.communicate()
+        logs = list(tmp_path.glob(f"{job_name}-*.out"))
+        return bool(logs) and "STARTED" in logs[0].read_text()
+
+    try:
+        wait_until(
+            started,
+            timeout=120,
+            interval=0.2,
+            message="the script to start",
+        )
+        run(["scancel", "--name", job_name])
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    job_id = out.splitlines()[0]
+    assert err.splitlines()[-1] == (
+        f"jobqueue-ms submit: job {job_id} CANCELLED without recording the script's exit code "
+        f"at {tmp_path / f'{job_name}-{job_id}.exit'}; exit code 1"
+    )
