@@ -17,6 +17,10 @@ set -euo pipefail
 source /etc/profile.d/modules.sh
 module load python/3.11
 
+# local_directory: node-local scratch, the workers' TMPDIR.
+export TMPDIR='/tmp/jqms work'
+mkdir -p "$TMPDIR"
+
 # 4 worker process(es) per node, 2 thread(s) each.
 worker=(
     /opt/venv/bin/python -m jobqueue_ms worker
@@ -25,7 +29,6 @@ worker=(
     --nthreads 2 --memory-limit 8GB
     --job jqms-golden-1 --lifetime 6900s
     --interface ib0
-    --local-directory '/tmp/jqms work'
     --resources GPU=2
     --log-level info
 )
