@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -171,6 +172,60 @@ def test_a_job_that_fails_at_start_raises_with_its_log_tail(batch):
     assert "failed before any worker connected" in message
     assert "prologue broke: no such module" in message
     assert all(r.state == JobState.FAILED for r in cluster.jobs.values())
+
+
+def foreign_job(kind: str, directory) -> str:
+    """Queue a held job that is not the cluster's (close() must leave it); return its id.
+
+    Held, so it takes no slot from the cluster's jobs (SGE has one slot per core here).
+    """
+    if kind == "slurm":
+        argv = ["sbatch", "--parsable", "--hold", "--mem=100M", "--job-name=foreign",
+                f"--output={directory}/foreign-%j.out", "--wrap=sleep 300"]  # fmt: skip
+        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+    argv = ["qsub", "-terse", "-h", "-b", "y", "-N", "foreign", "-o", str(directory), "-j", "y",
+            "sleep", "300"]  # fmt: skip
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_close_cancels_every_job_it_submitted_and_only_those(batch, tmp_path):
+    other = foreign_job(batch.kind, tmp_path)
+    try:
+        cluster = batch()
+        cluster.scale(jobs=2)
+        cluster.wait_for_workers(2, timeout=120)
+        pids = [w["pid"] for w in cluster.workers.values()]
+        assert all(psutil.pid_exists(pid) for pid in pids)
+        ids = {r.job_id for r in cluster.jobs.values()}
+        assert ids <= queued_ids(batch.kind)
+        cluster.close()  # no scale(0) first: the jobs are running
+        assert all(r.state == JobState.CANCELLED for r in cluster.jobs.values())
+        wait_until(lambda: not ids & queued_ids(batch.kind), timeout=60)
+        wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=30)
+        assert other in queued_ids(batch.kind)
+    finally:
+        cancel = ["scancel"] if batch.kind == "slurm" else ["qdel"]
+        subprocess.run([*cancel, other], check=True, capture_output=True)
+    wait_until(lambda: other not in queued_ids(batch.kind), timeout=60)
+
+
+def test_a_job_array_starts_the_workers_of_every_task(batch, tmp_path):
+    scratch = tmp_path / "node-local scratch"
+    cluster = batch(job_array=2, local_directory=str(scratch))
+    assert cluster.workers_per_job == 2
+    cluster.scale(jobs=1)
+    cluster.wait_for_workers(2, timeout=120)
+    (record,) = cluster.jobs.values()
+    assert sorted(cluster.workers) == [f"{record.name}-0", f"{record.name}-1"]
+    with Client(cluster) as client:
+        assert list(client.map(pow, range(20), [3] * 20)) == [x**3 for x in range(20)]
+        # local_directory is the workers' TMPDIR, created by the job.
+        assert client.submit(tempfile.gettempdir).result(timeout=60) == str(scratch)
+    assert scratch.is_dir()
+    cluster.scale(0)
+    wait_until(lambda: record.state.finished, timeout=120, message=lambda: cluster)
+    assert record.state in (JobState.COMPLETED, JobState.CANCELLED)
+    wait_until(lambda: record.job_id not in queued_ids(batch.kind), timeout=60)
 
 
 def test_a_two_node_slurm_job_starts_workers_on_both_nodes(slurm, tmp_path):

@@ -15,6 +15,7 @@ test_batch_e2e.py.
 from __future__ import annotations
 
 import itertools
+import subprocess
 import sys
 from pathlib import Path
 
@@ -237,3 +238,106 @@ def test_submitting_with_a_bad_directive_fails_with_the_queue_s_message(slurm, t
             submit(cluster)
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("system", ["slurm", "sge", "lsf"], indirect=True)
+def test_a_template_file_over_a_shadowed_base_runs_on_the_queue(
+    system, request, tmp_path, wait_until
+):
+    """template= (a full override) extends the system's template, whose base a site shadows."""
+    python, calls = fake_python(tmp_path, sleep=0)
+    site = tmp_path / "site-templates"
+    site.mkdir()
+    (site / "base.sh.j2").write_text(
+        '{% extends "builtin/base.sh.j2" %}\n'
+        "{% block launch_workers %}\n"
+        'echo "site base.sh.j2 ran"\n'
+        "{{ super() }}\n"
+        "{% endblock %}\n"
+    )
+    mine = tmp_path / "mine.sh.j2"
+    mine.write_text(
+        f'{{% extends "{system}.sh.j2" %}}\n'
+        "{% block launch_workers %}\n"
+        'echo "user template file ran for {{ name }}"\n'
+        "{{ super() }}\n"
+        "{% endblock %}\n"
+    )
+    options = system_options(system, request)
+    cluster = make(
+        system, tmp_path, python, template=str(mine), template_dirs=[str(site)], **options
+    )
+    try:
+        record = submit(cluster)
+        ended = poll_until(cluster, record, {S.COMPLETED, S.FAILED, S.CANCELLED}, wait_until)
+        assert ended == S.COMPLETED
+        log = Path(record.log_path).read_text().splitlines()
+        mark = log.index(f"user template file ran for {record.name}")
+        assert log[mark + 1] == "site base.sh.j2 ran"
+        assert sorted(p.stem for p in calls.glob("*.args")) == [
+            f"{record.name}-0",
+            f"{record.name}-1",
+        ]
+    finally:
+        cluster.close()
+
+
+def test_a_job_that_left_squeue_is_asked_about_with_scontrol(slurm, tmp_path, wait_until):
+    """With a plain squeue (no --states=all, as some sites wrap it) ended jobs vanish at once.
+
+    scontrol still knows them for MinJobAge (5 s here); after that, with no sacct (accounting
+    is disabled here), a job is UNKNOWN, not COMPLETED, until its log or lost_after says more.
+    """
+    from jobqueue_ms.batch.slurm import SLURMCluster
+
+    class PlainSqueueCluster(SLURMCluster):
+        status_cmd = ("squeue", "--noheader", "--format=%i %T")
+
+    def plain(python: str, **options) -> SLURMCluster:
+        return PlainSqueueCluster(
+            cores=1,
+            memory="200MiB",
+            walltime="00:05:00",
+            python=python,
+            log_directory=str(tmp_path),
+            poll_interval=3600,
+            queue=slurm.partition,
+            config=Config(),
+            **options,
+        )
+
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "bad").mkdir()
+    ok_python, _ = fake_python(tmp_path / "ok", sleep=0)
+    bad_python, _ = fake_python(tmp_path / "bad", sleep=0, exit_code=3)
+    ok, bad = plain(ok_python, lost_after=8), plain(bad_python)
+    try:
+        done, failed = submit(ok), submit(bad)
+        # Each is asked about as soon as it left squeue: scontrol says COMPLETED / FAILED.
+        for cluster, record, state in ((ok, done, S.COMPLETED), (bad, failed, S.FAILED)):
+            wait_until(
+                lambda r=record: (
+                    not subprocess.run(
+                        ["squeue", "--noheader", "--format=%i", f"--jobs={r.job_id}"],
+                        capture_output=True,
+                        text=True,
+                    ).stdout.strip()
+                ),
+                timeout=60,
+                message=f"job {record.job_id} to leave squeue",
+            )
+            assert cluster._poll([record]) == {record.job_id: state}
+
+        def forgotten(job_id: str) -> bool:
+            out = subprocess.run(
+                ["scontrol", "show", "job", job_id], capture_output=True, text=True
+            )
+            return out.returncode != 0
+
+        wait_until(lambda: forgotten(done.job_id), timeout=60, interval=0.5)
+        assert ok._poll([done]) == {done.job_id: S.UNKNOWN}  # not assumed COMPLETED
+        poll_until(ok, done, {S.FAILED}, wait_until, timeout=60)
+        assert "left the queue and no command knows how it ended" in done.info["lost"]
+    finally:
+        ok.close()
+        bad.close()
