@@ -49,6 +49,13 @@ class SSHHosts:
             "LogLevel=ERROR",
         ]
 
+    def logins(self, address: str) -> int:
+        """How many logins the sshd of ``address`` has accepted so far (from its log)."""
+        log = self.directory / f"sshd-{address}.log"
+        if not log.exists():
+            return 0
+        return log.read_text(errors="replace").count("Accepted publickey for ")
+
 
 def why_not_available() -> str | None:
     """Why the SSH tests cannot run here, or None."""

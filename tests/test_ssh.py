@@ -140,6 +140,47 @@ def test_killed_worker_is_replaced_while_scaled(hosts: SSHHosts) -> None:
     assert processes_of(cluster.name) == []
 
 
+def test_a_worker_killed_under_adapt_is_replaced(hosts: SSHHosts) -> None:
+    with make_cluster(hosts) as cluster:
+        adaptive = cluster.adapt(minimum_jobs=2, maximum_jobs=2, interval=0.3)
+        wait_until(lambda: len(cluster.workers) == 2, timeout=60, message=lambda: cluster)
+        victim = sorted(cluster.workers)[0]
+        (victim_job,) = (r for r in cluster.jobs.values() if victim in r.worker_names)
+        host = victim_job.info["host"]
+        os.killpg(victim_job.info["pgid"], signal.SIGKILL)  # the whole remote launch dies
+
+        def replaced() -> bool:
+            names = set(cluster.workers)
+            return len(names) == 2 and victim not in names and len(live_jobs(cluster)) == 2
+
+        wait_until(replaced, timeout=60, interval=0.2, message=lambda: repr(cluster))
+        assert victim_job.state == JobState.FAILED
+        assert not psutil.pid_exists(victim_job.info["pgid"])
+        # The replacement went to the host that lost its job (the one with the fewest jobs).
+        newest = max(cluster.jobs.values(), key=lambda r: r.submitted_at)
+        assert newest.info["host"] == host
+        with Client(cluster) as client:
+            assert client.submit(pow, 7, 2).result(timeout=60) == 49
+        adaptive.stop()
+    assert processes_of(cluster.name) == []
+
+
+def test_every_ssh_call_to_a_host_shares_one_connection(hosts: SSHHosts) -> None:
+    before = {a: hosts.logins(a) for a in hosts.addresses}
+    with make_cluster(hosts, n_schedulers=2, scheduler_hosts=list(hosts.addresses)) as cluster:
+        cluster.scale(jobs=2)  # check, scheduler start, file reads, submit: many ssh calls
+        cluster.wait_for_workers(2, timeout=60)
+        for _ in range(5):
+            cluster.sync()  # each polls every host over ssh
+        cluster.scale(jobs=0)
+        wait_until(lambda: not live_jobs(cluster), timeout=60, message=lambda: cluster)
+        masters = processes_of(f"{cluster.cluster_dir}/cm-")
+        assert len(masters) == 2, [p.cmdline() for p in masters]
+        logins = {a: hosts.logins(a) - before[a] for a in hosts.addresses}
+    assert logins == {a: 1 for a in hosts.addresses}
+    assert processes_of(f"{cluster.cluster_dir}/cm-") == []  # close() stopped the masters
+
+
 def test_adapt_scales_up_for_work_and_down_when_idle(hosts: SSHHosts) -> None:
     import time
 
@@ -156,6 +197,24 @@ def test_adapt_scales_up_for_work_and_down_when_idle(hosts: SSHHosts) -> None:
         )
         adaptive.stop()
     assert processes_of(cluster.name) == []
+
+
+def test_values_reach_the_remote_side_quoted_once(hosts: SSHHosts) -> None:
+    """ssh joins its words and the remote shell parses them again: quoting must survive that."""
+    tricky = """it's "quoted" $HOME `id` ; & | * \\ end"""
+    with make_cluster(
+        hosts,
+        hosts=[hosts.addresses[0]],
+        env={"JQMS_TRICKY": tricky},
+        prologue=[*(f"export {k}={v}" for k, v in HEARTBEAT.items()), "export FROM_PROLOGUE='a b'"],
+    ) as cluster:
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(1, timeout=60)
+        # A lambda travels by value; os.environ.get would carry the client's os.environ along.
+        remote_env = lambda name: __import__("os").environ.get(name)  # noqa: E731
+        with Client(cluster) as client:
+            assert client.submit(remote_env, "JQMS_TRICKY").result(timeout=60) == tricky
+            assert client.submit(remote_env, "FROM_PROLOGUE").result(timeout=60) == "a b"
 
 
 def test_unreachable_host_names_it_and_shows_ssh_error(hosts: SSHHosts) -> None:

@@ -515,7 +515,14 @@ class SSHCluster(Cluster):
         return states
 
     def _cancel(self, records: list[JobRecord]) -> None:
-        """Stop these jobs' process groups (TERM, then KILL after 10 s); one ssh per host."""
+        """Stop these jobs' process groups (TERM, then KILL after 10 s); one ssh per host.
+
+        While closing this does nothing: the groups stay in ``_unstopped`` and
+        ``_stop_schedulers`` stops them with the schedulers and removes the remote directory, in
+        one ssh per host, so an unreachable host costs one attempt and is reported once.
+        """
+        if self._closed:
+            return
         by_host = self._by_host(records)
 
         def cancel(host: str) -> str | None:
