@@ -232,6 +232,18 @@ def demo(n_schedulers: int, n_workers: int, n_tasks: int) -> None:
     run_demo(n_schedulers=n_schedulers, n_workers=n_workers, n_tasks=n_tasks, echo=click.echo)
 
 
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def mpi(args: tuple[str, ...]) -> None:
+    """Start schedulers, workers and a script inside one MPI allocation (run under mpirun)."""
+    from .mpi import main as mpi_main
+
+    sys.exit(mpi_main(list(args), prog="jobqueue-ms mpi"))
+
+
 # ---------------------------------------------------------------------------- render (issue 3)
 # Options mirror BatchCluster's (docs/batch.md); an option not given leaves the config file's.
 _RENDER_MANY = {
