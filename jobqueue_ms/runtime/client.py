@@ -112,12 +112,23 @@ class Future(cf.Future):  # type: ignore[type-arg]
 class _Spec:
     """What the client keeps to (re)submit a task."""
 
-    __slots__ = ("ckey", "fhash", "payload", "deps", "priority", "retries", "resources", "sched")
+    __slots__ = (
+        "ckey",
+        "fhash",
+        "blob",
+        "payload",
+        "deps",
+        "priority",
+        "retries",
+        "resources",
+        "sched",
+    )
 
     def __init__(
         self,
         ckey: int,
         fhash: bytes,
+        blob: bytes,
         payload: bytes,
         deps: list[Future] | None,
         priority: int,
@@ -126,6 +137,7 @@ class _Spec:
     ) -> None:
         self.ckey = ckey
         self.fhash = fhash
+        self.blob = blob  # shared with every spec of the function: resent if a scheduler asks
         self.payload = payload
         self.deps = deps
         self.priority = priority
@@ -514,7 +526,7 @@ class Client(cf.Executor):
             payload, deps = self._payload(args, kwargs)
             ckey = next(keys)
             fut = Future(self, ckey, name)
-            spec = _Spec(ckey, fhash, payload, deps or None, priority, retries, resources)
+            spec = _Spec(ckey, fhash, blob, payload, deps or None, priority, retries, resources)
             futures.append(fut)
             specs.append(spec)
             self._pending[ckey] = fut
@@ -677,6 +689,7 @@ class Client(cf.Executor):
             Kind.WELCOME: self._on_welcome,
             Kind.REFUSED: self._on_refused,
             Kind.RESULTS: self._on_results,
+            Kind.NEED_FUNCS: self._on_need_funcs,
             Kind.HEARTBEAT: lambda link, msg: None,
             Kind.INFO: self._on_info,
             Kind.GOODBYE: lambda link, msg: self._scheduler_lost(link, "it shut down"),
@@ -687,11 +700,13 @@ class Client(cf.Executor):
                 events = poller.poll(int(self.heartbeat_interval_s * 500))
                 for sock, _ in events:
                     if sock == self._wake_r:
-                        self._wake_pending = False
+                        # drain first, then clear: a wake landing in between must leave a byte,
+                        # or the flag stays set with an empty pipe and every later wake is lost
                         try:
                             os.read(self._wake_r, 4096)
                         except BlockingIOError:
                             pass
+                        self._wake_pending = False
                         continue
                     link = by_sock[sock]
                     for _ in range(1000):
@@ -748,7 +763,7 @@ class Client(cf.Executor):
                     self._fail_all_lost([k for k, _ in arg])
                     continue
                 for k, _ in arg:
-                    spec = _Spec(k, b"", b"", None, 0, 0, None)
+                    spec = _Spec(k, b"", b"", b"", None, 0, 0, None)
                     spec.sched = link.index
                     self._specs[k] = spec
                 link.outstanding += len(arg)
@@ -830,7 +845,21 @@ class Client(cf.Executor):
         for _, h, blob in self._fcache.values():
             if h == fhash:
                 return blob
+        for spec in self._specs.values():
+            if spec.fhash == fhash:
+                return spec.blob
         raise KeyError("function blob no longer cached")
+
+    def _on_need_funcs(self, link: _Link, msg: dict[str, Any]) -> None:
+        """The scheduler dropped function blobs we thought it had: send them again."""
+        funcs = {}
+        for h in msg["funcs"]:
+            try:
+                funcs[h] = self._blob(h)
+            except KeyError:
+                log.error("scheduler %s asked for a function this client no longer has", link)
+        link.known_funcs.update(funcs)
+        self._send(link, Kind.SUBMIT, {"funcs": funcs, "tasks": []})
 
     def _dep_entry(self, spec: _Spec) -> tuple[_Link, tuple[Any, ...]] | None:
         """Pick the scheduler for a task with inputs and describe each input for it.

@@ -35,6 +35,7 @@ class Kind:
     HEARTBEAT = b"hb"  # any -> any: liveness (+ worker status)
     SUBMIT = b"submit"  # client -> scheduler: a batch of tasks
     RESULTS = b"results"  # scheduler -> client: a batch of finished tasks
+    NEED_FUNCS = b"needfuncs"  # scheduler -> client: resend these function blobs (tasks held)
     RELEASE = b"release"  # client -> scheduler, scheduler -> worker: forget these keys
     CANCEL = b"cancel"  # client -> scheduler: cancel these keys
     SCATTER = b"scatter"  # client -> scheduler: store data under keys

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -94,7 +94,17 @@ class Task:
 class ClientRecord:
     """A connected client."""
 
-    __slots__ = ("ident", "index", "client_id", "last_seen", "outbox", "ntasks", "name")
+    __slots__ = (
+        "ident",
+        "index",
+        "client_id",
+        "last_seen",
+        "outbox",
+        "ntasks",
+        "name",
+        "parked",
+        "awaiting",
+    )
 
     def __init__(self, ident: bytes, index: int, client_id: str, name: str) -> None:
         self.ident = ident
@@ -104,6 +114,9 @@ class ClientRecord:
         self.last_seen = time.monotonic()
         self.outbox: list[tuple[Any, ...]] = []
         self.ntasks = 0
+        # submissions held (in order) until the client resends function blobs we dropped
+        self.parked: list[list[Any]] = []
+        self.awaiting: set[bytes] | None = None
 
 
 class WorkerRecord:
@@ -191,6 +204,8 @@ class Scheduler:
         self.n_ready = 0
         self.leased: dict[bytes, WorkerRecord] = {}  # workers with unused lease
         self.funcs: dict[bytes, list[Any]] = {}  # fhash -> [blob, refcount]
+        # blobs no task uses any more, oldest first; kept (bounded) because clients resubmit
+        self._idle_funcs: OrderedDict[bytes, None] = OrderedDict()
         self.duration_ewma: float | None = None
         self.counters = {"tasks_done": 0, "tasks_erred": 0, "dropped_frames": 0, "refused": 0}
         self._client_index = itertools.count(1)
@@ -433,16 +448,50 @@ class Scheduler:
         for fhash, blob in msg["funcs"].items():
             if fhash not in funcs:
                 funcs[fhash] = [blob, 0]
+                self._idle_funcs[fhash] = None
+                self._trim_idle_funcs()
+        if msg["tasks"]:
+            c.parked.append(msg["tasks"])
+        while c.parked:
+            # The client believes we still hold every blob it sent before; when we dropped one
+            # we ask for it, and its tasks (and every later submission) wait until it arrives.
+            missing = {t[1] for t in c.parked[0]} - funcs.keys()
+            if missing:
+                if c.awaiting is None or not missing <= c.awaiting:
+                    c.awaiting = missing
+                    self._send(c.ident, Kind.NEED_FUNCS, {"funcs": list(missing)})
+                    return
+                if msg["tasks"]:
+                    return  # still waiting for the answer
+                # the answer came without them: those tasks cannot run
+                for t in c.parked[0]:
+                    if t[1] in missing:
+                        self._fail_task_direct(
+                            c, t[0], "FunctionMissing", "the client could not resend the function"
+                        )
+                c.parked[0] = [t for t in c.parked[0] if t[1] not in missing]
+            c.awaiting = None
+            self._accept_tasks(c, c.parked.pop(0))
+
+    def _trim_idle_funcs(self) -> None:
+        idle = self._idle_funcs
+        while len(idle) > 256:
+            fhash, _ = idle.popitem(last=False)
+            entry = self.funcs.get(fhash)
+            if entry is not None and entry[1] <= 0:
+                del self.funcs[fhash]
+
+    def _accept_tasks(self, c: ClientRecord, batch: list[Any]) -> None:
+        funcs = self.funcs
         base = c.index << CLIENT_BITS
         tasks = self.tasks
-        for ckey, fhash, payload, deps, priority, retries, resources in msg["tasks"]:
+        for ckey, fhash, payload, deps, priority, retries, resources in batch:
             key = base | ckey
             if key in tasks:
                 continue  # a resubmission of a task we still have: exactly once
-            entry = funcs.get(fhash)
-            if entry is None:
-                self._fail_task_direct(c, ckey, "FunctionMissing", "function blob was not sent")
-                continue
+            entry = funcs[fhash]
+            if entry[1] <= 0:
+                self._idle_funcs.pop(fhash, None)
             entry[1] += 1
             t = Task(key, c, fhash, payload, priority, retries, resources)
             tasks[key] = t
@@ -582,7 +631,8 @@ class Scheduler:
         if entry is not None:
             entry[1] -= 1
             if entry[1] <= 0:
-                del self.funcs[t.fhash]
+                self._idle_funcs[t.fhash] = None
+                self._trim_idle_funcs()
         if t.where is not None:
             t.where.holds.discard(t.key)
             self._send(t.where.ident, Kind.RELEASE, [t.key])
@@ -659,7 +709,19 @@ class Scheduler:
     def _nudge(self, w: WorkerRecord) -> None:
         if not w.hinted and not w.retiring:
             w.hinted = True
-            self._send(w.ident, Kind.HAVE_WORK, {"n": self.n_ready})
+            msg: dict[str, Any] = {"n": self.n_ready}
+            if self.ready_resourced:
+                msg["resources"] = self._resource_demand()
+            self._send(w.ident, Kind.HAVE_WORK, msg)
+
+    def _resource_demand(self) -> dict[str, float]:
+        """The largest amount of each resource one ready task asks for."""
+        demand: dict[str, float] = {}
+        for t in self.ready_resourced:
+            for name, amount in t.resources.items():  # type: ignore[union-attr]
+                if amount > demand.get(name, 0):
+                    demand[name] = amount
+        return demand
 
     def _dispatch(self) -> None:
         """Send ready tasks to workers that hold unused leases, spreading them evenly."""
@@ -684,6 +746,13 @@ class Scheduler:
                 if w.lease == 0 and not w.hinted and not w.retiring:
                     self._nudge(w)
                     budget -= w.nthreads
+        if self.ready_resourced:
+            # slots alone do not run these: ask the workers that have the resources for them
+            demand = self._resource_demand()
+            for w in self.workers.values():
+                if not w.hinted and not _fits(demand, w.lease_resources):
+                    if any(w.resources.get(name, 0) >= a for name, a in demand.items()):
+                        self._nudge(w)
 
     def _take(self, w: WorkerRecord, n: int) -> list[Task]:
         """Pop up to ``n`` ready tasks that fit the worker's leased resources."""
@@ -750,7 +819,10 @@ class Scheduler:
                     else:
                         deps.append((dckey, src))
             out.append((t.key, t.fhash, t.payload, deps, t.resources))
-        self._send(w.ident, Kind.TASKS, {"tasks": out, "funcs": funcs, "more": self.n_ready})
+        msg = {"tasks": out, "funcs": funcs, "more": self.n_ready}
+        if self.ready_resourced:
+            msg["resources"] = self._resource_demand()
+        self._send(w.ident, Kind.TASKS, msg)
 
     # ------------------------------------------------------------------ results
     def _on_started(self, ident: bytes, msg: list[int], _: list[Any]) -> None:

@@ -54,6 +54,7 @@ class _SchedulerLink:
         self.lease = 0  # slots granted and not yet used or returned
         self.lease_resources: dict[str, float] = {}
         self.has_work = 0
+        self.wants_resources: dict[str, float] = {}  # what its ready tasks ask for
         self.revoking = False
         self.usage = 0.0  # decayed busy seconds spent on this scheduler's tasks
         self.usage_t = time.monotonic()
@@ -274,16 +275,20 @@ class Worker:
         """Receive messages, collect results, rebalance leases, send; check timers."""
         poll = self._poller.poll
         interval_ms = int(self.heartbeat_interval_s * 1000)
-        next_tick = 0.0
+        self._tick(time.monotonic())  # say hello before the first wait
+        next_tick = time.monotonic() + self.heartbeat_interval_s
         while not self._stop:
-            events = poll(timeout=interval_ms if not self._results else 0)
+            wait_ms = min(interval_ms, int((next_tick - time.monotonic()) * 1000) + 1)
+            events = poll(timeout=max(0, wait_ms) if not self._results else 0)
             for sock, _ in events:
                 if sock == self._wake_r:
-                    self._wake_pending = False
+                    # drain first, then clear: a wake landing in between must leave a byte behind,
+                    # or the flag stays set with an empty pipe and every later wake is lost
                     try:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
+                    self._wake_pending = False
                     continue
                 self._drain_socket(sock)
             self._collect()
@@ -292,7 +297,8 @@ class Worker:
             now = time.monotonic()
             if now >= next_tick:
                 self._tick(now)
-                next_tick = now + self.heartbeat_interval_s
+                connecting = any(lk.state != "ready" for lk in self._links)
+                next_tick = now + (0.05 if connecting else self.heartbeat_interval_s)
             if self._retiring and self._retire_step(now):
                 break
 
@@ -340,7 +346,7 @@ class Worker:
     # ------------------------------------------------------------------ registration
     def _hello(self, link: _SchedulerLink, now: float) -> None:
         link.last_hello = now
-        self._send(
+        sent = self._send(
             link,
             Kind.HELLO,
             {
@@ -357,6 +363,8 @@ class Worker:
                 "lifetime_end": self.lifetime_end,
             },
         )
+        if not sent:
+            link.last_hello = now - 0.45  # not connected yet: try again soon
 
     def _on_welcome(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
         """Registered: start with a clean lease."""
@@ -440,6 +448,8 @@ class Worker:
         leased = sum(lk.lease for lk in links)
         free = self._capacity() - in_use - leased
         wanting = [lk for lk in links if lk.has_work > 0 and not lk.revoking]
+        if self.resources and wanting:
+            self._reclaim_resources(links, wanting)
         if free <= 0:
             if wanting and not any(lk.lease for lk in wanting):
                 # someone has work but every free slot is parked at idle schedulers
@@ -449,6 +459,12 @@ class Worker:
                         self._send(
                             lk, Kind.REVOKE, {"n": lk.lease, "resources": lk.lease_resources}
                         )
+            if self.resources:  # resources are not slots: hand out free ones anyway
+                res_free = self._resources_free(links)
+                for lk in wanting:
+                    res = self._wanted_share(res_free, lk, wanting)
+                    if res:
+                        self._grant(lk, 0, res)
             return
         res_free = self._resources_free(links)
         now = time.monotonic()
@@ -468,7 +484,7 @@ class Worker:
                     grants[i] += free - 4096
             for lk in wanting:
                 n = grants.get(lk.index, 0)
-                res = self._split_resources(res_free, lk, len(wanting))
+                res = self._wanted_share(res_free, lk, wanting)
                 if n or res:
                     self._grant(lk, n, res)
         elif in_use == 0:
@@ -484,6 +500,47 @@ class Worker:
                     if not lk.lease_resources and not lk.revoking:
                         self._grant(lk, 0, self._split_resources(res_free, lk, len(links)))
                         break
+
+    def _reclaim_resources(
+        self, links: list[_SchedulerLink], wanting: list[_SchedulerLink]
+    ) -> None:
+        """Revoke resources parked at schedulers that do not need them from one that does."""
+        needed = set()
+        for lk in wanting:
+            for name, amount in lk.wants_resources.items():
+                if lk.lease_resources.get(name, 0) < amount:
+                    needed.add(name)
+        if not needed:
+            return
+        free = self._resources_free(links)
+        for lk in links:
+            if lk.revoking or not lk.lease_resources:
+                continue
+            parked = {
+                name: amount
+                for name, amount in lk.lease_resources.items()
+                if name in needed
+                and free.get(name, 0) <= 0
+                and not (lk.has_work and lk.wants_resources.get(name))
+            }
+            if parked:
+                lk.revoking = True
+                self._send(lk, Kind.REVOKE, {"n": 0, "resources": parked})
+
+    def _wanted_share(
+        self, res_free: dict[str, float], lk: _SchedulerLink, wanting: list[_SchedulerLink]
+    ) -> dict[str, float]:
+        """The share of free resources for a scheduler whose ready tasks ask for them."""
+        if not lk.wants_resources or not res_free:
+            return {}
+        wanted = {k: v for k, v in res_free.items() if k in lk.wants_resources}
+        askers = sum(1 for o in wanting if o.wants_resources)
+        res = self._split_resources(wanted, lk, askers)
+        for name, amount in res.items():
+            res_free[name] -= amount
+            if res_free[name] <= 0:
+                del res_free[name]
+        return res
 
     def _resources_free(self, links: list[_SchedulerLink]) -> dict[str, float]:
         free = {}
@@ -525,6 +582,7 @@ class Worker:
 
     def _on_have_work(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
         link.has_work = msg["n"]
+        link.wants_resources = msg.get("resources") or {}
 
     def _on_returned(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
         """Slots given back after a revoke."""
@@ -541,11 +599,19 @@ class Worker:
         tasks = msg["tasks"]
         link.lease -= len(tasks)
         link.has_work = msg["more"]
+        link.wants_resources = msg.get("resources") or {}
         funcs = self._funcs
         for fhash, blob in msg["funcs"].items():
             if fhash not in funcs:
                 try:
                     funcs[fhash] = protocol.loads_user(blob)
+                except ModuleNotFoundError as exc:
+                    hint = ModuleNotFoundError(
+                        f"{exc} on worker {self.name}: the function was pickled by reference; "
+                        "make its module importable on the workers, or call "
+                        "cloudpickle.register_pickle_by_value(module) in the client"
+                    )
+                    funcs[fhash] = _Unloadable(hint)
                 except Exception as exc:  # noqa: BLE001 - reported per task below
                     funcs[fhash] = _Unloadable(exc)
                 if len(funcs) > 512:
