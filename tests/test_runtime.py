@@ -1,0 +1,456 @@
+"""The runtime on real processes over loopback: results, errors, failures, multi-scheduler rules."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import psutil
+import pytest
+from helpers import wait_until
+
+from jobqueue_ms import Client, KilledWorkerError, LocalCluster, VersionMismatchError
+from jobqueue_ms.runtime import protocol
+from jobqueue_ms.runtime.scheduler import Scheduler
+
+# workers cannot import this test module: ship its functions by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_heartbeats() -> Iterator[None]:
+    """Notice dead processes within ~3 s instead of the default 10 s."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("JOBQUEUE_MS_HEARTBEAT_TIMEOUT", "3")
+    mp.setenv("JOBQUEUE_MS_HEARTBEAT_INTERVAL", "0.25")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(n_schedulers=2, n_workers=2, threads_per_worker=2) as c:
+        c.wait_for_workers(2, timeout=30)
+        yield c
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Iterator[Client]:
+    with Client(cluster) as c:
+        yield c
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def slow_identity(x: int, delay: float = 0.05) -> int:
+    time.sleep(delay)
+    return x
+
+
+def record_and_return(path: str, x: int, delay: float = 0.0) -> int:
+    """Append the task's id to a file so the test can count executions."""
+    if delay:
+        time.sleep(delay)
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return x * 2
+
+
+# --------------------------------------------------------------------- results
+def test_submit_map_bulk_and_executor_semantics(client: Client) -> None:
+    assert client.submit(pow, 2, 10).result(timeout=30) == 1024
+    assert client.submit(inc, x=41).result(timeout=30) == 42
+    assert list(client.map(inc, range(100))) == list(range(1, 101))
+    assert list(client.map(add, range(50), range(50), chunksize=7)) == [2 * i for i in range(50)]
+    futures = client.submit_many(inc, range(5000))
+    assert all(isinstance(f, cf.Future) for f in futures)
+    assert client.gather(futures) == list(range(1, 5001))
+    done, not_done = cf.wait(futures, timeout=30)
+    assert len(done) == 5000 and not not_done
+    assert sorted(f.result() for f in cf.as_completed(futures[:100])) == list(range(1, 101))
+    seen: list[int] = []
+    f = client.submit(inc, 1)
+    f.add_done_callback(lambda fut: seen.append(fut.result()))
+    wait_until(lambda: seen == [2], timeout=30)
+
+
+def test_map_timeout_raises(client: Client) -> None:
+    it = client.map(slow_identity, [1, 2], [5.0, 5.0], timeout=0.2)
+    with pytest.raises(cf.TimeoutError):
+        list(it)
+
+
+def test_dependencies_move_between_workers_not_through_client(client: Client) -> None:
+    a = client.submit(inc, 1)
+    b = client.submit(inc, 10)
+    c = client.submit(add, a, b)
+    assert c.result(timeout=30) == 13
+    # a large intermediate (stored on the worker) consumed by a dependent task
+    big = client.submit(bytes, 2_000_000)
+    size = client.submit(len, big)
+    assert size.result(timeout=30) == 2_000_000
+    # nested structures of futures
+    parts = client.submit_many(inc, range(10))
+    assert client.submit(sum, parts).result(timeout=30) == sum(range(1, 11))
+    # a chain
+    x = client.submit(inc, 0)
+    for _ in range(100):
+        x = client.submit(inc, x)
+    assert x.result(timeout=60) == 101
+
+
+def test_scatter_passes_data_by_reference(client: Client) -> None:
+    data = client.scatter(list(range(1000)))
+    assert isinstance(data, list) and len(data) == 1000
+    one = client.scatter({"k": 5})
+    assert client.submit(inc, one["k"]).result(timeout=30) == 6
+    payload = client.scatter(b"y" * 100_000)
+    assert client.submit(len, payload).result(timeout=30) == 100_000
+    assert payload.result(timeout=30) == b"y" * 100_000
+
+
+def test_large_results_fetched_directly_and_intact(client: Client) -> None:
+    np = pytest.importorskip("numpy")
+    arr = client.submit(np.arange, 2_000_000)
+    out = arr.result(timeout=30)
+    assert out.shape == (2_000_000,) and int(out[-1]) == 1_999_999
+    blobs = client.gather([client.submit(bytes, 1_000_000) for _ in range(5)])
+    assert [len(b) for b in blobs] == [1_000_000] * 5
+
+
+def test_remote_exception_keeps_type_and_remote_traceback(client: Client) -> None:
+    def fail(x: int) -> None:
+        raise KeyError(f"missing {x}")
+
+    f = client.submit(fail, 7)
+    with pytest.raises(KeyError, match="missing 7") as info:
+        f.result(timeout=30)
+    cause = info.value.__cause__
+    assert cause is not None and "Traceback on worker" in str(cause)
+    assert "fail" in str(cause) and "KeyError" in str(cause)
+    dependent = client.submit(inc, f)
+    with pytest.raises(Exception, match="failed or was cancelled"):
+        dependent.result(timeout=30)
+
+
+def test_cancel_pending_tasks(client: Client) -> None:
+    blockers = [client.submit(slow_identity, i, 0.5) for i in range(8)]
+    victim = client.submit(inc, 1)
+    assert victim.cancel()
+    assert victim.cancelled()
+    with pytest.raises(cf.CancelledError):
+        victim.result()
+    assert client.gather(blockers) == list(range(8))
+
+
+def test_retries_rerun_a_failing_task(client: Client, tmp_path: Path) -> None:
+    marker = tmp_path / "attempts"
+
+    def flaky(path: str) -> str:
+        with open(path, "a") as f:
+            f.write("x")
+        if os.path.getsize(path) < 3:
+            raise RuntimeError("not yet")
+        return "ok"
+
+    assert client.options(retries=3).submit(flaky, str(marker)).result(timeout=30) == "ok"
+    assert marker.read_text() == "xxx"
+    marker.unlink()
+    with pytest.raises(RuntimeError, match="not yet"):
+        client.options(retries=1).submit(flaky, str(marker)).result(timeout=30)
+
+
+def test_priority_orders_queued_work() -> None:
+    with LocalCluster(n_schedulers=1, n_workers=0) as cluster, Client(cluster) as client:
+        low = client.options(priority=0).submit_many(time.time, [()] * 20)
+        high = client.options(priority=10).submit_many(time.time, [()] * 20)
+        cluster.scale(1)
+        lows, highs = client.gather(low), client.gather(high)
+        assert max(highs) <= min(lows)
+
+
+def test_resources_limit_concurrency_across_schedulers() -> None:
+    def busy(path: str) -> int:
+        with open(path, "a") as f:
+            f.write(f"start {time.time()}\n")
+        time.sleep(0.2)
+        with open(path, "a") as f:
+            f.write(f"end {time.time()}\n")
+        return 1
+
+    with LocalCluster(
+        n_schedulers=2, n_workers=1, threads_per_worker=4, resources={"GPU": 1}
+    ) as cluster:
+        cluster.wait_for_workers(1)
+        log_path = os.path.join(cluster.cluster_dir, "gpu.log")
+        with Client(cluster) as client:
+            futures = client.options(resources={"GPU": 1}).submit_many(busy, [log_path] * 6)
+            assert client.gather(futures) == [1] * 6
+        with open(log_path) as f:
+            events = sorted((float(t), kind) for kind, t in (line.split() for line in f))
+        running = peak = 0
+        for _, kind in events:
+            running += 1 if kind == "start" else -1
+            peak = max(peak, running)
+        assert peak == 1
+
+
+# --------------------------------------------------------------------- multi-scheduler rules
+def test_peak_concurrency_never_exceeds_slots_with_two_schedulers() -> None:
+    with LocalCluster(n_schedulers=2, n_workers=2, threads_per_worker=2) as cluster:
+        cluster.wait_for_workers(2)
+        clients = [Client(a) for a in cluster.scheduler_addresses]
+        try:
+            futures = [f for c in clients for f in c.submit_many(slow_identity, range(60))]
+            assert sorted(f.result(timeout=60) for f in futures) == sorted(list(range(60)) * 2)
+
+            def peaks() -> dict[str, int]:  # reported with heartbeats: poll until both came
+                return {
+                    w["name"]: w["peak_running"] for w in clients[0].scheduler_info()[0]["workers"]
+                }
+
+            wait_until(lambda: len(peaks()) == 2 and all(peaks().values()), timeout=30)
+            assert all(0 < n <= 2 for n in peaks().values()), peaks()
+            executed = {}
+            for info in clients[0].scheduler_info():
+                for w in info["workers"]:
+                    for sid, n in w["executed"].items():
+                        executed[sid] = executed.get(sid, 0) + n
+            assert len(executed) == 2  # the same workers served both schedulers
+        finally:
+            for c in clients:
+                c.shutdown()
+
+
+def test_fairness_between_two_saturated_schedulers() -> None:
+    """Two schedulers, each with far more work than the pool: equal shares of worker time."""
+    with LocalCluster(n_schedulers=2, n_workers=2, threads_per_worker=1) as cluster:
+        cluster.wait_for_workers(2)
+        a, b = (Client(x) for x in cluster.scheduler_addresses)
+        try:
+            fa = a.submit_many(slow_identity, [(i, 0.01) for i in range(2000)])
+            fb = b.submit_many(slow_identity, [(i, 0.01) for i in range(2000)])
+            start = time.monotonic()
+            wait_until(lambda: time.monotonic() - start > 3, timeout=10, interval=0.1)
+            done_a = sum(f.done() for f in fa)
+            done_b = sum(f.done() for f in fb)
+            assert done_a > 20 and done_b > 20
+            assert 0.8 <= done_a / done_b <= 1.25, (done_a, done_b)
+        finally:
+            a.shutdown(cancel_futures=True)
+            b.shutdown(cancel_futures=True)
+
+
+def test_identical_keys_from_two_clients_never_share_values(cluster: LocalCluster) -> None:
+    with Client(cluster) as c1, Client(cluster) as c2:
+        f1 = c1.submit(inc, 1)
+        f2 = c2.submit(inc, 100)
+        assert f1._ckey == f2._ckey  # same client-side key
+        assert (f1.result(timeout=30), f2.result(timeout=30)) == (2, 101)
+        d1 = c1.submit(inc, f1)
+        d2 = c2.submit(inc, f2)
+        assert (d1.result(timeout=30), d2.result(timeout=30)) == (3, 102)
+
+
+# --------------------------------------------------------------------- failures
+def _worker_pids(cluster: LocalCluster) -> list[int]:
+    return sorted(w["pid"] for w in cluster.workers.values())
+
+
+def test_sigkill_worker_under_load_loses_nothing(tmp_path: Path) -> None:
+    log_path = str(tmp_path / "executions")
+    with LocalCluster(n_schedulers=1, n_workers=2, threads_per_worker=2) as cluster:
+        cluster.wait_for_workers(2)
+        with Client(cluster) as client:
+            futures = client.submit_many(
+                record_and_return, [(log_path, i, 0.01) for i in range(400)]
+            )
+            wait_until(lambda: sum(f.done() for f in futures) > 50, timeout=60)
+            victim = _worker_pids(cluster)[0]
+            os.kill(victim, signal.SIGKILL)
+            results = [f.result(timeout=120) for f in futures]
+        assert results == [2 * i for i in range(400)]
+        counts: dict[int, int] = {}
+        with open(log_path) as f:
+            for line in f:
+                counts[int(line)] = counts.get(int(line), 0) + 1
+        assert set(counts) == set(range(400))
+        # only tasks running on the killed worker (at most its 2 threads) may have run twice
+        assert sum(n - 1 for n in counts.values()) <= 2
+        # the nanny restarted the worker
+        wait_until(lambda: len(cluster.workers) == 2 and victim not in _worker_pids(cluster), 30)
+
+
+def test_task_that_kills_its_workers_fails_after_three_attempts() -> None:
+    with LocalCluster(n_schedulers=1, n_workers=1) as cluster, Client(cluster) as client:
+        cluster.wait_for_workers(1)
+
+        def die() -> None:
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        f = client.submit(die)
+        with pytest.raises(KilledWorkerError, match="3 workers that died"):
+            f.result(timeout=120)
+        assert client.submit(inc, 1).result(timeout=60) == 2  # the pool recovered
+
+
+def test_sigkill_one_of_three_schedulers_under_load() -> None:
+    with LocalCluster(n_schedulers=3, n_workers=2, threads_per_worker=2) as cluster:
+        cluster.wait_for_workers(2)
+        with Client(cluster) as client:
+            futures = client.submit_many(slow_identity, [(i, 0.005) for i in range(3000)])
+            wait_until(lambda: sum(f.done() for f in futures) > 100, timeout=60)
+            victim = cluster._scheduler_procs[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            assert [f.result(timeout=120) for f in futures] == list(range(3000))
+            # the workers keep serving the other two schedulers
+            assert client.submit(inc, 1).result(timeout=30) == 2
+            infos = client.scheduler_info()
+            assert len(infos) == 2 and all(len(i["workers"]) == 2 for i in infos)
+
+
+def test_restarted_scheduler_is_rejoined_by_workers(tmp_path: Path) -> None:
+    sched = Scheduler(port=0)
+    address = sched.start()
+    port = sched.port
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobqueue_ms", "worker", "--scheduler", address, "--no-nanny"],
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: len(sched.info()["workers"]) == 1, timeout=30)
+        sched.stop()
+        again = Scheduler(port=port)
+        again.start()
+        try:
+            wait_until(lambda: len(again.info()["workers"]) == 1, timeout=30)
+            with Client(address) as client:
+                assert client.submit(inc, 1).result(timeout=30) == 2
+        finally:
+            again.stop()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_vanished_client_tasks_are_released(cluster: LocalCluster, tmp_path: Path) -> None:
+    script = tmp_path / "c.py"
+    script.write_text(
+        "import sys, time\nfrom jobqueue_ms import Client\n"
+        "c = Client(sys.argv[1:])\n"
+        "fs = c.submit_many(time.sleep, [(0.05,)] * 2000)\n"
+        "print('submitted', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *cluster.scheduler_addresses],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
+
+        def queued() -> int:
+            return sum(i["tasks_total"] for i in cluster.scheduler_info(max_age=0))
+
+        wait_until(lambda: queued() > 100, timeout=30)
+        proc.kill()
+        wait_until(lambda: queued() == 0, timeout=30, message="tasks of a dead client remain")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_version_mismatch_is_refused_naming_both_versions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sched = Scheduler(port=0)
+    address = sched.start()
+    try:
+        real = protocol.versions()
+        monkeypatch.setattr(protocol, "versions", lambda: {**real, "jobqueue_ms": "0.0.0-old"})
+        with pytest.raises(VersionMismatchError) as info:
+            Client(address, timeout=10)
+        text = str(info.value)
+        assert "0.0.0-old" in text and real["jobqueue_ms"] in text
+    finally:
+        sched.stop()
+
+
+def test_get_versions_reports_every_process(client: Client) -> None:
+    v = client.get_versions(check=True)
+    assert v["client"]["protocol"] == str(protocol.PROTOCOL_VERSION)
+    assert len(v["schedulers"]) == 2 and len(v["workers"]) == 2
+
+
+def test_shutdown_semantics(cluster: LocalCluster) -> None:
+    c = Client(cluster)
+    futures = [c.submit(slow_identity, i, 0.3) for i in range(20)]
+    c.shutdown(wait=False, cancel_futures=True)
+    assert any(f.cancelled() for f in futures)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        c.submit(inc, 1)
+    with Client(cluster) as c2:
+        f = c2.submit(slow_identity, 5, 0.2)
+    assert f.result() == 5  # __exit__ waited
+
+
+def test_close_leaves_no_process() -> None:
+    cluster = LocalCluster(n_schedulers=2, n_workers=2)
+    cluster.wait_for_workers(2)
+    pids = [p.pid for p in cluster._scheduler_procs] + _worker_pids(cluster)
+    pids += [r.info["pid"] for r in cluster.jobs.values()]
+    directory = cluster.cluster_dir
+    cluster.close()
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not os.path.exists(directory)
+    assert "closed" in repr(cluster)
+
+
+def test_local_cluster_scale_and_repr() -> None:
+    with LocalCluster(n_schedulers=1, n_workers=1) as cluster:
+        cluster.wait_for_workers(1)
+        cluster.scale(3)
+        cluster.wait_for_workers(3)
+        assert "3 workers" in repr(cluster) and "<table>" in cluster._repr_html_()
+        name = sorted(cluster.workers)[0]
+        cluster.scale_down([name])
+        wait_until(lambda: name not in cluster.workers, timeout=30)
+        wait_until(lambda: len(cluster.workers) == 2, timeout=30)
+        with pytest.raises(ValueError, match="jobs"):
+            cluster.scale(-1)
+
+
+def test_cli_help_and_clear_errors() -> None:
+    for cmd in (["--help"], ["scheduler", "--help"], ["worker", "--help"], ["demo", "--help"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "jobqueue_ms", *cmd], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0 and "Usage" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "jobqueue_ms", "worker", "--scheduler", "x:1", "--memory-limit",
+         "lots"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "tcp://host:port" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "jobqueue_ms", "worker", "--scheduler", "tcp://127.0.0.1:1",
+         "--memory-limit", "lots"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--memory-limit='lots'" in bad.stderr
