@@ -10,7 +10,17 @@ Subclasses provide:
 3. ``_poll(records) -> {native id: JobState}``: their current states (must);
 4. ``job_script() -> str``: exactly what one job runs (must);
 5. ``_start_schedulers() -> list[str]``: start the schedulers (may; default: local processes);
-6. ``_log_tail(record) -> str``: the end of a job's log, for errors (may).
+6. ``_log_tail(record) -> str``: the end of a job's log, for errors (may);
+7. ``_cleanup()``: release what the subclass holds, last thing in ``close()`` (may; it runs even
+   when the start failed, so it must cope with half-made state).
+
+``_poll`` runs outside the cluster's lock (a slow queue must not block ``scale`` or ``snapshot``);
+``_submit`` and ``_cancel`` run under it.
+
+Adaptive scaling (``adapt()``) drives the cluster through a private seam; a manual ``scale()``,
+``scale_up()`` or ``scale_down()`` stops it, as in dask. Walltime: a job whose workers have a
+lifetime is drained by the cluster a little before it (staggered per job, so jobs started together
+do not all leave at once) and its end is recorded as ``TIMEOUT``, a normal expiry.
 """
 
 from __future__ import annotations
@@ -97,6 +107,36 @@ def _close_all() -> None:
             pass
 
 
+# Jobs started together are drained at spread-out times: job k's drain is brought forward by
+# frac(k * golden ratio) of the stagger, a sequence that stays evenly spread for any number of jobs.
+_GOLDEN = (5**0.5 - 1) / 2
+# Ended jobs kept in the adaptive Snapshot (for start latencies and failed-start errors).
+_ENDED_IN_SNAPSHOT = 20
+
+
+class _AdaptiveSeam:
+    """What ``Adaptive`` drives: the cluster's snapshot and scaling, as the policy's own calls.
+
+    A user's manual ``scale_up``/``scale_down`` stops adaptive scaling; the driver's calls come
+    through here and do not.
+    """
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def snapshot(self) -> Any:
+        return self.cluster.snapshot()
+
+    def scale_up(self, n: int) -> None:
+        self.cluster._scale_up(n)
+
+    def scale_down(self, names: Sequence[str]) -> None:
+        self.cluster._scale_down(names)
+
+    def __repr__(self) -> str:
+        return repr(self.cluster)
+
+
 class Cluster:
     """Base of every cluster; see the module docstring for what a subclass provides."""
 
@@ -114,6 +154,7 @@ class Cluster:
         scheduler_host: str = "127.0.0.1",
         memory_limit: int | str | None = None,
         lifetime: Any = None,
+        lifetime_stagger: Any = None,
         poll_interval: Any = None,
         python: str | None = None,
         cluster_dir: str | None = None,
@@ -127,14 +168,23 @@ class Cluster:
         self.memory_limit = (
             parse_memory(memory_limit, "memory_limit") if memory_limit is not None else None
         )
+        # Lifetimes read like walltimes (a bare number is minutes); poll intervals are seconds.
         self.lifetime_s = parse_duration(lifetime, "lifetime") if lifetime is not None else None
-        if poll_interval is not None:
-            self.poll_interval_s = parse_duration(
-                poll_interval
-                if not isinstance(poll_interval, (int, float))
-                else f"{poll_interval}s",
-                "poll_interval",
+        stagger = (
+            parse_duration(lifetime_stagger, "lifetime_stagger")
+            if lifetime_stagger is not None
+            else None
+        )
+        if stagger is None:
+            stagger = min(0.1 * self.lifetime_s, 300.0) if self.lifetime_s else 0.0
+        if self.lifetime_s and stagger >= self.lifetime_s:
+            raise ValueError(
+                f"lifetime_stagger={lifetime_stagger!r} must be shorter than "
+                f"lifetime={lifetime!r}, e.g. lifetime_stagger='{self.lifetime_s / 10:g}s'"
             )
+        self.lifetime_stagger_s = stagger
+        if poll_interval is not None:
+            self.poll_interval_s = _duration_s(poll_interval, "poll_interval") or 0.0
         self.python = python or sys.executable
         self.jobs: dict[str, JobRecord] = {}
         self.scheduler_addresses: list[str] = []
@@ -143,7 +193,9 @@ class Cluster:
         self._target: int | None = None
         self._counter = itertools.count(1)
         self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()
         self._closed = False
+        self._start_failed = False
         self._adaptive: Any = None
         self._scheduler_procs: list[subprocess.Popen[bytes]] = []
         self._own_dir = cluster_dir is None
@@ -155,13 +207,18 @@ class Cluster:
         _LIVE.add(self)
 
     def _start(self) -> None:
-        """Start the schedulers and the background sync loop (call at the end of __init__)."""
+        """Start the schedulers and the background sync loop (call at the end of __init__).
+
+        If anything fails, everything started so far is stopped (``close()`` does not raise then)
+        and the original error propagates.
+        """
         try:
             self.scheduler_addresses = self._start_schedulers()
+            self._admin = SchedulerAdmin(self.scheduler_addresses)
         except BaseException:
+            self._start_failed = True
             self.close()
             raise
-        self._admin = SchedulerAdmin(self.scheduler_addresses)
         self._sync_thread = threading.Thread(
             target=self._sync_loop, name=f"{self.name}-sync", daemon=True
         )
@@ -234,6 +291,9 @@ class Cluster:
     def _log_tail(self, record: JobRecord) -> str:
         return _tail(record.log_path) if record.log_path else ""
 
+    def _cleanup(self) -> None:
+        """Release what a subclass holds; the last step of ``close()`` (default: nothing)."""
+
     def _worker_command(self, record: JobRecord, index: int = 0) -> list[str]:
         """argv of worker ``index`` of a job: serves every scheduler of the cluster."""
         argv = [self.python, "-m", "jobqueue_ms", "worker"]
@@ -249,43 +309,88 @@ class Cluster:
 
     # ------------------------------------------------------------------ scaling
     def scale(self, n: int | None = None, *, jobs: int | None = None) -> None:
-        """Keep ``n`` workers (rounded up to whole jobs) or ``jobs`` jobs running."""
+        """Keep ``n`` workers (rounded up to whole jobs) or ``jobs`` jobs running.
+
+        Jobs that die or reach their walltime are replaced. This stops adaptive scaling, if it
+        was on (as in dask); call ``adapt()`` to turn it on again.
+        """
         if (n is None) == (jobs is None):
             raise ValueError("scale() takes either n (workers) or jobs=..., e.g. scale(jobs=2)")
         if jobs is None:
             if not isinstance(n, int) or n < 0:
-                raise ValueError(f"n={n!r} must be a non-negative number of workers")
+                raise ValueError(
+                    f"n={n!r} must be a non-negative number of workers, e.g. scale(4) "
+                    "or scale(jobs=2)"
+                )
             jobs = -(-n // self.workers_per_job)
         if not isinstance(jobs, int) or jobs < 0:
             raise ValueError(f"jobs={jobs!r} must be a non-negative integer")
+        self._stop_adaptive("scale()")
         self._raise_if_failed()
         with self._lock:
             self._target = jobs
             self._reconcile()
 
     def scale_up(self, n: int) -> None:
-        """Submit ``n`` more jobs (the adaptive policy calls this)."""
-        self._raise_if_failed()
+        """Submit ``n`` more jobs and keep that many; stops adaptive scaling (see ``scale``)."""
+        self._stop_adaptive("scale_up()")
         with self._lock:
-            self._target = len(self._live_jobs()) + n
-            self._reconcile()
-
-    def scale_down(self, names: Sequence[str]) -> None:
-        """Retire these workers or jobs gracefully (their work finishes or moves first)."""
-        with self._lock:
-            records = self._records_for(names)
-            for r in records:
-                self._retire(r)
+            self._scale_up(n)
             self._target = len(self._live_jobs())
 
+    def scale_down(self, names: Sequence[str]) -> None:
+        """Retire these workers or jobs gracefully (their work finishes or moves first).
+
+        Stops adaptive scaling (see ``scale``); the jobs left are kept.
+        """
+        self._stop_adaptive("scale_down()")
+        with self._lock:
+            self._scale_down(names)
+            self._target = len(self._live_jobs())
+
+    def _scale_up(self, n: int) -> None:
+        """Submit ``n`` jobs (the adaptive policy's call)."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n={n!r} must be a non-negative number of jobs")
+        self._raise_if_failed()
+        with self._lock:
+            if self._closed:
+                raise ClusterError(f"{self.name} is closed; it submits no more jobs")
+            for _ in range(n):
+                self._submit_one()
+
+    def _scale_down(self, names: Sequence[str]) -> None:
+        """Retire these jobs or workers (the adaptive policy's call)."""
+        if isinstance(names, str):
+            raise TypeError(f"names={names!r} must be a list of job or worker names")
+        with self._lock:
+            for r in self._records_for(names):
+                self._retire(r)
+
     def adapt(self, **kwargs: Any) -> Any:
-        """Scale automatically; see ``jobqueue_ms.adaptive.Adaptive`` for the options."""
+        """Scale automatically; see ``jobqueue_ms.adaptive.Adaptive`` for the options.
+
+        Replaces a running ``Adaptive`` and forgets earlier failed starts (call it again once a
+        job script is fixed). A manual ``scale()``, ``scale_up()`` or ``scale_down()`` stops it.
+        """
         from ..adaptive import Adaptive
 
-        if self._adaptive is not None:
-            self._adaptive.stop()
-        self._adaptive = Adaptive(self, **kwargs)
+        self._stop_adaptive(None)
+        with self._lock:
+            if self._closed:
+                raise ClusterError(f"{self.name} is closed; make a new cluster to adapt")
+            self._target = None  # the policy decides now, replacements included
+            self.start_failures = 0
+            self.error = None
+        self._adaptive = Adaptive(_AdaptiveSeam(self), **kwargs)
         return self._adaptive
+
+    def _stop_adaptive(self, why: str | None) -> None:
+        adaptive, self._adaptive = self._adaptive, None
+        if adaptive is not None and adaptive.running:
+            if why:
+                log.info("%s: %s stops adaptive scaling; call adapt() to resume", self.name, why)
+            adaptive.stop()
 
     def _live_jobs(self) -> list[JobRecord]:
         return [
@@ -306,7 +411,7 @@ class Cluster:
         return out
 
     def _reconcile(self) -> None:
-        """Submit or retire jobs to reach the target."""
+        """Submit or retire jobs to reach a manual ``scale()`` target (none while adaptive)."""
         if self._target is None or self._closed:
             return
         live = self._live_jobs()
@@ -322,12 +427,15 @@ class Cluster:
                 self._retire(r)
 
     def _submit_one(self) -> JobRecord:
-        name = f"{self.name}-{next(self._counter)}"
+        k = next(self._counter)
+        name = f"{self.name}-{k}"
         record = JobRecord(
             name=name,
             walltime_s=self.lifetime_s,
             worker_names=[f"{name}-{i}" for i in range(self.workers_per_job)],
         )
+        if self.lifetime_s:
+            record.info["lifetime_offset_s"] = self.lifetime_stagger_s * ((k * _GOLDEN) % 1.0)
         self.jobs[name] = record  # recorded before submission so close() always sees it
         try:
             record.job_id = self._submit(record)
@@ -335,6 +443,8 @@ class Cluster:
             record.state = JobState.FAILED
             record.ended_at = time.time()
             record.error = f"submission failed: {exc}"
+            record.info["failed_at_start"] = True
+            record.info["log_tail"] = str(exc)
             self.start_failures += 1
             self._check_failures(record)
             raise
@@ -379,48 +489,114 @@ class Cluster:
                 log.exception("cluster sync failed")
 
     def sync(self) -> None:
-        """One round of job polling and reconciliation (also called by tests and adapt)."""
-        with self._lock:
-            if self._closed:
-                return
-            active = [r for r in self.jobs.values() if not r.state.finished and r.job_id]
+        """One round: poll the jobs and schedulers, record what changed, drain expiring jobs.
+
+        The queue and the schedulers are asked outside the lock; then, under it, job states are
+        updated, jobs whose lifetime is about to end are retired, and a manual ``scale()`` target
+        is restored. Rounds do not overlap.
+        """
+        with self._sync_lock:
+            with self._lock:
+                if self._closed:
+                    return
+                active = [r for r in self.jobs.values() if not r.state.finished and r.job_id]
+            # Schedulers first: a worker they list and the queue then reports ended had started.
+            seen, _ = self._note_workers(self.scheduler_info(max_age=0))
             states = self._poll(active) if active else {}
-        infos = self.scheduler_info(max_age=0)
-        seen = {w.get("job") for info in infos for w in info["workers"]}
-        now = time.time()
+            now = time.time()
+            failed: list[JobRecord] = []
+            with self._lock:
+                if self._closed:
+                    return
+                for r in active:
+                    if not r.state.finished:
+                        new = states.get(r.job_id, r.state)
+                        if self._update(r, new, r.name in seen, now):
+                            failed.append(r)
+            # A log may be remote (SSH) or on a slow filesystem: read it outside the lock.
+            tails = {r.name: self._log_tail(r) for r in failed}
+            with self._lock:
+                for r in failed:
+                    r.error = f"job ended ({r.state.value}) before any worker connected"
+                    if tails[r.name]:
+                        r.error += f"; end of its log:\n{tails[r.name]}"
+                    r.info["log_tail"] = tails[r.name]
+                    log.warning("job %s: %s", r.name, r.error)
+                    self.start_failures += 1
+                    self._check_failures(r)
+                self._reconcile()
+
+    def _note_workers(self, infos: list[dict[str, Any]]) -> tuple[set[str], dict[str, float]]:
+        """Mark the jobs whose workers the schedulers list; return them and their lifetime ends.
+
+        Called with every scheduler answer (sync, snapshot, ``workers``), so that a job whose
+        workers connected and died between two polls is not taken for a failed start.
+        """
+        seen: set[str] = set()
+        lifetime_ends: dict[str, float] = {}
+        for info in infos:
+            for w in info["workers"]:
+                job = w.get("job")
+                if job is None:
+                    continue
+                seen.add(job)
+                if w.get("lifetime_end") is not None:
+                    end = float(w["lifetime_end"])
+                    lifetime_ends[job] = min(end, lifetime_ends.get(job, end))
         with self._lock:
-            for r in active:
-                new = states.get(r.job_id, r.state)
-                if r.name in seen:
+            for job in seen:
+                r = self.jobs.get(job)
+                if r is not None and not r.workers_seen:
                     r.workers_seen = True
-                    if new == JobState.PENDING:
-                        new = JobState.RUNNING
-                if new == JobState.RUNNING and r.started_at is None:
-                    r.started_at = now
-                if new.finished and not r.state.finished:
-                    r.ended_at = now
-                    if r.cancel_requested and new != JobState.COMPLETED:
-                        new = JobState.CANCELLED
-                    if not r.workers_seen and not r.cancel_requested:
-                        r.error = f"job ended ({new.value}) before any worker connected"
-                        tail = self._log_tail(r)
-                        if tail:
-                            r.error += f"; end of its log:\n{tail}"
-                        log.warning("job %s: %s", r.name, r.error)
-                        self.start_failures += 1
-                        self._check_failures(r)
-                    elif r.workers_seen:
-                        self.start_failures = 0
-                r.state = new
-                if (
-                    r.retiring_since is not None
-                    and not r.state.finished
-                    and not r.cancel_requested
-                    and time.monotonic() - r.retiring_since > self.retire_timeout_s
-                ):
-                    r.cancel_requested = True
-                    self._cancel([r])
-            self._reconcile()
+                    self.start_failures = 0  # a job started: earlier failures were not in a row
+                if r is not None and job in lifetime_ends:
+                    r.info["lifetime_end"] = lifetime_ends[job]
+        return seen, lifetime_ends
+
+    def _update(self, r: JobRecord, new: JobState, seen: bool, now: float) -> bool:
+        """Apply one poll to a record (under the lock); return whether it failed at start."""
+        if seen and new == JobState.PENDING:
+            new = JobState.RUNNING
+        if new == JobState.RUNNING and r.started_at is None:
+            r.started_at = now
+        if not new.finished:
+            r.state = new
+        drain_at = self._drain_at(r)
+        if drain_at is not None and now >= drain_at and r.workers_seen:
+            # Its workers drain now (or already do, at their own lifetime): a normal expiry.
+            r.info["expired"] = True
+            if not new.finished and not r.cancel_requested and r.retiring_since is None:
+                log.info("job %s reaches the end of its lifetime; draining it", r.name)
+                self._retire(r)
+        if not new.finished:
+            if (
+                r.retiring_since is not None
+                and not r.cancel_requested
+                and time.monotonic() - r.retiring_since > self.retire_timeout_s
+            ):
+                r.cancel_requested = True
+                self._cancel([r])
+            return False
+        r.ended_at = now
+        if r.info.get("expired") and new in (JobState.COMPLETED, JobState.CANCELLED):
+            new = JobState.TIMEOUT
+        elif r.cancel_requested and new != JobState.COMPLETED:
+            new = JobState.CANCELLED
+        r.state = new
+        if r.workers_seen or r.cancel_requested:
+            return False
+        r.info["failed_at_start"] = True
+        return True
+
+    def _drain_at(self, r: JobRecord) -> float | None:
+        """When the cluster drains a running job: its workers' lifetime end, less its stagger."""
+        ends = [r.info.get("lifetime_end")]
+        if r.started_at is not None and r.walltime_s:
+            ends.append(r.started_at + r.walltime_s)
+        known = [float(t) for t in ends if t is not None]
+        if not known:
+            return None
+        return min(known) - float(r.info.get("lifetime_offset_s", 0.0))
 
     # ------------------------------------------------------------------ state
     def scheduler_info(self, max_age: float = 0.5) -> list[dict[str, Any]]:
@@ -437,7 +613,9 @@ class Cluster:
     def workers(self) -> dict[str, dict[str, Any]]:
         """Connected workers by name (as the schedulers see them)."""
         out: dict[str, dict[str, Any]] = {}
-        for info in self.scheduler_info(max_age=0):
+        infos = self.scheduler_info(max_age=0)
+        self._note_workers(infos)
+        for info in infos:
             for w in info["workers"]:
                 out.setdefault(w["name"], w)
         return out
@@ -455,12 +633,25 @@ class Cluster:
             time.sleep(0.05)  # polling the schedulers
 
     def snapshot(self) -> Any:
-        """The adaptive policy's view: schedulers' state summed, plus this cluster's jobs."""
+        """The adaptive policy's view: schedulers' state summed, plus this cluster's jobs.
+
+        Every job still in the queue is included, retiring ones too (as ``RUNNING`` until they
+        leave, so that ``maximum_jobs`` bounds what is really there), and the most recently ended
+        ones, with ``failed_at_start`` and the tail of their log for those that never started.
+        ``walltime_end`` is when the cluster will drain the job (its lifetime, staggered).
+        """
         from ..adaptive import JobView, Snapshot
 
+        infos = self.scheduler_info(max_age=0)
+        self._note_workers(infos)
         now = time.time()
         with self._lock:
-            jobs = tuple(
+            live = [r for r in self.jobs.values() if not r.state.finished]
+            ended = sorted(
+                (r for r in self.jobs.values() if r.state.finished),
+                key=lambda r: r.ended_at or 0.0,
+            )[-_ENDED_IN_SNAPSHOT:]
+            jobs = [
                 JobView(
                     name=r.name,
                     state=r.state.value,
@@ -468,53 +659,72 @@ class Cluster:
                     workers_per_job=self.workers_per_job,
                     submitted_at=r.submitted_at,
                     started_at=r.started_at,
-                    walltime_end=(r.started_at + r.walltime_s)
-                    if r.started_at is not None and r.walltime_s
-                    else None,
-                    failed_at_start=bool(r.error) and not r.workers_seen,
+                    walltime_end=self._drain_at(r),
+                    failed_at_start=bool(r.info.get("failed_at_start")),
+                    log_tail=r.info.get("log_tail") or None,
                 )
-                for r in self.jobs.values()
-                if not r.state.finished and r.retiring_since is None and not r.cancel_requested
-            )
+                for r in ended + live
+            ]
+            start_failures = self.start_failures
         return Snapshot.from_scheduler_info(
-            self.scheduler_info(max_age=0),
-            jobs=list(jobs),
+            infos,
+            jobs=jobs,
             workers_per_job=self.workers_per_job,
             threads_per_worker=self.threads_per_worker,
-            start_failures=self.start_failures,
+            start_failures=start_failures,
             now=now,
         )
 
     # ------------------------------------------------------------------ closing
     def close(self, timeout: float = 20.0) -> None:
-        """Stop adaptivity, cancel every job this cluster submitted, stop the schedulers."""
+        """Stop adaptivity, cancel every job this cluster submitted, stop the schedulers.
+
+        Every step is tried even if an earlier one failed.
+
+        Raises
+        ------
+        ClusterError
+            When a step failed (each failure is also logged). Never after a failed start: then
+            the error that stopped the start is the one that matters.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        if self._adaptive is not None:
-            self._adaptive.stop()
+        errors: list[str] = []
+
+        def attempt(what: str, step: Any) -> None:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - the other steps must still run
+                log.error("%s: could not %s: %s", self.name, what, exc)
+                errors.append(f"could not {what}: {exc}")
+
+        adaptive, self._adaptive = self._adaptive, None
+        if adaptive is not None:
+            attempt("stop adaptive scaling", lambda: adaptive.stop(timeout))
         self._stop_sync.set()
         if self._sync_thread is not None and self._sync_thread is not threading.current_thread():
             self._sync_thread.join(timeout)
-        live = [r for r in self.jobs.values() if not r.state.finished and r.job_id]
-        if live:
+        with self._lock:
+            live = [r for r in self.jobs.values() if not r.state.finished and r.job_id]
             for r in live:
                 r.cancel_requested = True
-            try:
-                self._cancel(live)
-            except Exception as exc:  # noqa: BLE001
-                log.error("could not cancel jobs %s: %s", [r.job_id for r in live], exc)
+        if live:
+            attempt(f"cancel jobs {[r.job_id for r in live]}", lambda: self._cancel(live))
             for r in live:
                 r.state = JobState.CANCELLED
                 r.ended_at = time.time()
-        self._stop_schedulers(timeout)
+        attempt("stop the schedulers", lambda: self._stop_schedulers(timeout))
         admin = getattr(self, "_admin", None)
         if admin is not None:
-            admin.close()
+            attempt("close the admin connection", admin.close)
+        attempt("clean up", self._cleanup)
         if self._own_dir:
             shutil.rmtree(self.cluster_dir, ignore_errors=True)
         _LIVE.discard(self)
+        if errors and not self._start_failed:
+            raise ClusterError(f"{self.name}: closed with errors:\n" + "\n".join(errors))
 
     def _stop_schedulers(self, timeout: float) -> None:
         _terminate(self._scheduler_procs, timeout)
@@ -567,6 +777,15 @@ class Cluster:
             f"<table><tr><th>job</th><th>id</th><th>state</th><th>workers</th></tr>{rows}"
             f"</table></div>"
         )
+
+
+def _duration_s(value: Any, parameter: str) -> float | None:
+    """Seconds from a duration (``"30s"``, ``"2m"``, a number of seconds); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = f"{value}s"
+    return parse_duration(value, parameter)
 
 
 def _tail(path: str | None, lines: int = 20) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from typing import Any
 
@@ -22,6 +23,12 @@ class LocalCluster(Cluster):
         Tasks each worker runs at once.
     memory_limit:
         Per worker, e.g. "2GiB" (default: the machine's memory divided among the workers).
+    lifetime:
+        How long each job lives, like a walltime ("30s", "1h"; a bare number is minutes): its
+        worker drains and leaves before then, and ``adapt()`` replaces it ahead of time.
+    lifetime_stagger:
+        Drain jobs up to this much earlier than ``lifetime``, spread out so that jobs started
+        together do not all leave at once (default: a tenth of the lifetime, at most 5 minutes).
 
     Examples
     --------
@@ -42,6 +49,7 @@ class LocalCluster(Cluster):
         memory_limit: int | str | None = None,
         *,
         lifetime: Any = None,
+        lifetime_stagger: Any = None,
         name: str | None = None,
         host: str = "127.0.0.1",
         resources: dict[str, float] | None = None,
@@ -65,11 +73,13 @@ class LocalCluster(Cluster):
             scheduler_host=host,
             memory_limit=memory_limit,
             lifetime=lifetime,
+            lifetime_stagger=lifetime_stagger,
         )
         self.threads_per_worker = threads_per_worker
         self.resources = dict(resources or {})
         self.env = dict(env or {})
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._groups_gone: set[int] = set()  # job process groups already killed
         self._start()
         if n_workers:
             self.scale(n_workers)
@@ -110,7 +120,9 @@ class LocalCluster(Cluster):
             code = proc.poll()
             if code is None:
                 out[r.job_id] = JobState.RUNNING
-            elif code == 0:
+                continue
+            self._kill_group(proc)  # the job's other processes, e.g. a worker whose nanny died
+            if code == 0:
                 out[r.job_id] = JobState.COMPLETED
             elif r.cancel_requested:
                 out[r.job_id] = JobState.CANCELLED
@@ -120,4 +132,24 @@ class LocalCluster(Cluster):
 
     def _cancel(self, records: list[JobRecord]) -> None:
         procs = [self._procs[r.job_id] for r in records if r.job_id in self._procs]
-        _terminate(procs, timeout=10.0)
+        _terminate(procs, timeout=10.0)  # the whole process group, SIGKILL at the end
+        self._groups_gone.update(p.pid for p in procs)
+
+    def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL what is left of an ended job's process group (its own session, see _submit).
+
+        Called once, by the poll that reaped the job's first process: a process group id is not
+        reused while the group has members, so this cannot reach anyone else's processes.
+        """
+        if proc.pid in self._groups_gone:
+            return
+        self._groups_gone.add(proc.pid)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _cleanup(self) -> None:
+        """Stop any job process left (close() cancelled the live ones; this is the backstop)."""
+        procs = list(getattr(self, "_procs", {}).values())
+        _terminate([p for p in procs if p.poll() is None], timeout=5.0)
