@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -454,3 +454,30 @@ def test_cli_help_and_clear_errors() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode != 0 and "--memory-limit='lots'" in bad.stderr
+
+
+def _constant(k: int) -> Callable[[], int]:
+    return lambda: k
+
+
+def test_function_dropped_by_the_scheduler_is_asked_for_again(client: Client) -> None:
+    """Schedulers keep a bounded number of idle function blobs; a client never notices."""
+
+    def first(x: int) -> int:
+        return x + 1
+
+    assert client.submit(first, 1).result(timeout=30) == 2
+    # 600 distinct functions (closures over different values pickle differently) push `first`
+    # (spread over 2 schedulers) out of every scheduler's 256-entry idle-function cache
+    makers = [_constant(k) for k in range(600)]
+    futures = [client.submit(m) for m in makers]
+    assert client.gather(futures) == list(range(600))
+    del futures
+
+    def idle() -> bool:
+        return all(i["tasks_total"] == 0 for i in client.scheduler_info())
+
+    wait_until(idle, timeout=30, message="released tasks forgotten by the schedulers")
+    assert list(client.map(first, range(20), timeout=30)) == list(range(1, 21))
+    asked = sum(i["counters"]["functions_asked_again"] for i in client.scheduler_info())
+    assert asked >= 1

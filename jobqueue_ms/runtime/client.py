@@ -294,7 +294,8 @@ class Client(cf.Executor):
         self._shutdown = False
         self._closed = threading.Event()
         self._error: BaseException | None = None
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # one scheduler answered
+        self._all_answered = threading.Event()  # every scheduler answered (welcome or refusal)
         self._local = threading.local()
         self._ctx = zmq.Context()
         self._wake_r, self._wake_w = os.pipe()
@@ -321,6 +322,9 @@ class Client(cf.Executor):
             raise CommError(
                 f"no scheduler answered within {timeout} s at {', '.join(self.addresses)}"
             )
+        # The others are usually a millisecond behind: wait briefly so the first submissions
+        # spread over all of them. One that stays silent is retried in the background.
+        self._all_answered.wait(min(timeout, 2.0))
 
     # ------------------------------------------------------------------ Executor API
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -937,6 +941,8 @@ class Client(cf.Executor):
         if restarted:
             link.known_funcs.clear()
         self._ready.set()
+        if all(lk.state != "connecting" for lk in self._links):
+            self._all_answered.set()
 
     def _on_refused(self, link: _Link, msg: dict[str, Any]) -> None:
         if msg.get("rejoin"):
@@ -946,6 +952,8 @@ class Client(cf.Executor):
             link.last_hello = 0.0
             return
         link.state = "refused"
+        if all(lk.state != "connecting" for lk in self._links):
+            self._all_answered.set()
         if not self._ready.is_set():
             self._error = VersionMismatchError(msg["reason"])
             self._ready.set()

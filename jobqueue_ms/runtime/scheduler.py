@@ -207,7 +207,13 @@ class Scheduler:
         # blobs no task uses any more, oldest first; kept (bounded) because clients resubmit
         self._idle_funcs: OrderedDict[bytes, None] = OrderedDict()
         self.duration_ewma: float | None = None
-        self.counters = {"tasks_done": 0, "tasks_erred": 0, "dropped_frames": 0, "refused": 0}
+        self.counters = {
+            "tasks_done": 0,
+            "tasks_erred": 0,
+            "dropped_frames": 0,
+            "refused": 0,
+            "functions_asked_again": 0,
+        }
         self._client_index = itertools.count(1)
         self._refused_peers: dict[bytes, float] = {}
         self._dirty_clients: set[ClientRecord] = set()
@@ -459,6 +465,7 @@ class Scheduler:
             if missing:
                 if c.awaiting is None or not missing <= c.awaiting:
                     c.awaiting = missing
+                    self.counters["functions_asked_again"] += len(missing)
                     self._send(c.ident, Kind.NEED_FUNCS, {"funcs": list(missing)})
                     return
                 if msg["tasks"]:
