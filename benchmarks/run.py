@@ -74,27 +74,6 @@ def make_array(i: int, size: int) -> Any:
     return numpy.random.default_rng(i).random(size // 8)
 
 
-def pin_functions(client: Any, fns: list[Callable[..., Any]], per_fn: int = 512) -> list[Any]:
-    """Keep one finished task of each function alive on every scheduler for the client's life.
-
-    Works around a jobqueue-ms bug (see docs/performance.md, "Bugs found"): a scheduler drops a
-    function blob when its last task is released, but the client remembers having sent it, so
-    the next submission of that function fails with "function blob was not sent".
-    ``per_fn`` > 256 spreads the pins over two schedulers (the client routes chunks of 256).
-    """
-    end = time.monotonic() + 30
-    while len(client.scheduler_info()) < len(client.addresses):  # Client() returns on the first
-        if time.monotonic() > end:
-            raise RuntimeError("not every scheduler accepted the client within 30 s")
-        time.sleep(0.05)
-    args = {noop: None, inc: 0, now: None, make_bytes: (0, 1), make_array: (0, 8)}
-    pins = []
-    for fn in fns:
-        pins += client.submit_many(fn, [args[fn]] * per_fn)
-    client.gather(pins)
-    return pins
-
-
 # ---------------------------------------------------------------------- plumbing
 class SectionTimeout(Exception):
     pass
@@ -241,7 +220,6 @@ def jq_abcd(cfg: dict[str, Any], only: set[str], out: dict[str, Any], res: Resul
     with LocalCluster(n_schedulers=1, n_workers=2, threads_per_worker=1) as cluster:
         cluster.wait_for_workers(2)
         with contextlib.closing(Client(cluster)) as client:
-            pins = pin_functions(client, [noop, inc, make_bytes, make_array])  # noqa: F841
             client.gather(client.submit_many(noop, range(200)))  # warm-up
             n = cfg["a_tasks"]
 
@@ -420,7 +398,6 @@ def jq_e(cfg: dict[str, Any], tmp: str) -> dict[str, float]:
         addr = json.load(open(sf))["addresses"][0]
         starts = []
         with contextlib.closing(Client(scheduler_file=sf)) as client:
-            pin = client.submit(now, 0.0)  # noqa: F841 - see pin_functions (never runs early)
             for _ in range(cfg["e_reps"]):
                 fut = client.submit(now, random.random())
                 t_launch = time.time()
@@ -597,7 +574,6 @@ def jq_g(cfg: dict[str, Any]) -> dict[str, float]:
     with LocalCluster(n_schedulers=1, n_workers=2) as cluster:
         cluster.wait_for_workers(2)
         with contextlib.closing(Client(cluster)) as client:
-            pins = pin_functions(client, [noop])  # noqa: F841
             run(client, 200)
             t0 = time.perf_counter()
             run(client, n)
@@ -605,7 +581,6 @@ def jq_g(cfg: dict[str, Any]) -> dict[str, float]:
     with LocalCluster(n_schedulers=2, n_workers=2) as cluster:
         cluster.wait_for_workers(2)
         with contextlib.closing(Client(cluster)) as client:
-            pins = pin_functions(client, [noop])  # noqa: F841
             run(client, 200)
             t0 = time.perf_counter()
             run(client, n)
@@ -614,7 +589,6 @@ def jq_g(cfg: dict[str, Any]) -> dict[str, float]:
             out["two_one_client_split"] = per  # type: ignore[assignment]
         clients = [Client(a) for a in cluster.scheduler_addresses]
         try:
-            pins = [pin_functions(c, [noop]) for c in clients]  # noqa: F841
             for c in clients:
                 run(c, 200)
             errs: list[BaseException] = []
