@@ -151,6 +151,11 @@ def _parse_resources(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--job", default=None, help="Name of the job that started this worker.")
 @click.option("--resources", multiple=True, help="Abstract resources, e.g. GPU=1.")
 @click.option("--lifetime", default=None, help="Drain and leave after this long (e.g. 55m).")
+@click.option(
+    "--local-directory",
+    default=None,
+    help="Scratch directory for the tasks (created; becomes TMPDIR). Default: $TMPDIR.",
+)
 @click.option("--host", default=None, help="Address for the data port (default 127.0.0.1).")
 @click.option("--interface", default=None, help="Network interface for the data port.")
 @click.option(
@@ -170,6 +175,7 @@ def worker(
     job: str | None,
     resources: tuple[str, ...],
     lifetime: str | None,
+    local_directory: str | None,
     host: str | None,
     interface: str | None,
     nanny: bool,
@@ -206,6 +212,13 @@ def worker(
         raise click.UsageError(str(exc)) from None
     if interface:
         host = _interface_address(interface)
+    if local_directory:
+        local_directory = os.path.abspath(os.path.expanduser(local_directory))
+        try:
+            os.makedirs(local_directory, exist_ok=True)
+        except OSError as exc:
+            raise click.BadParameter(str(exc), param_hint="--local-directory") from None
+        os.environ["TMPDIR"] = local_directory  # tempfile in the tasks (and the nanny's child)
     kwargs = {
         "schedulers": addresses,
         "nthreads": nthreads,

@@ -481,3 +481,23 @@ def test_function_dropped_by_the_scheduler_is_asked_for_again(client: Client) ->
     assert list(client.map(first, range(20), timeout=30)) == list(range(1, 21))
     asked = sum(i["counters"]["functions_asked_again"] for i in client.scheduler_info())
     assert asked >= 1
+
+
+def test_worker_local_directory_becomes_the_tasks_tmpdir(tmp_path: Path) -> None:
+    import tempfile
+
+    sched = Scheduler(port=0)
+    address = sched.start()
+    scratch = tmp_path / "scratch" / "w1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobqueue_ms", "worker", "--scheduler", address,
+         "--local-directory", str(scratch)]  # fmt: skip
+    )
+    try:
+        with Client(address) as client:
+            assert client.submit(tempfile.gettempdir).result(timeout=60) == str(scratch)
+        assert scratch.is_dir()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        sched.stop()
