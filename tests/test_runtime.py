@@ -490,8 +490,16 @@ def test_worker_local_directory_becomes_the_tasks_tmpdir(tmp_path: Path) -> None
     address = sched.start()
     scratch = tmp_path / "scratch" / "w1"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobqueue_ms", "worker", "--scheduler", address,
-         "--local-directory", str(scratch)]  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobqueue_ms",
+            "worker",
+            "--scheduler",
+            address,
+            "--local-directory",
+            str(scratch),
+        ]  # fmt: skip
     )
     try:
         with Client(address) as client:
