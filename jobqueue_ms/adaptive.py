@@ -127,8 +127,9 @@ class JobView:
 
     ``workers`` are the names of the workers the job starts (``f"{name}-{i}"``); a worker also
     belongs to the job when its ``WorkerView.job`` is the job's name. Times are epoch seconds, None
-    when unknown; ``walltime_end`` is when the queue will end the job (None if unlimited or not
-    started).
+    when unknown; ``walltime_end`` is when the job starts to leave: the clusters put the moment
+    they drain it, a little before its workers' lifetime (and so its walltime) ends, staggered per
+    job (None if unlimited or not started).
     ``failed_at_start`` marks a job that ended before any of its workers connected, and ``log_tail``
     is the end of its log, quoted when repeated start failures stop adaptive scaling.
     """
@@ -938,6 +939,10 @@ class Adaptive:
     >>> adaptive  # doctest: +SKIP
     <Adaptive running: LoadPolicy(...), every 1s; submitted 2 jobs, retired 0; last: add 2 jobs...>
     >>> adaptive.stop()  # doctest: +SKIP
+
+    A manual ``cluster.scale()``, ``scale_up()`` or ``scale_down()`` stops the ``Adaptive`` that
+    ``cluster.adapt()`` returned (as in dask): the user has taken over. ``cluster.adapt()`` again
+    resumes.
     """
 
     def __init__(
