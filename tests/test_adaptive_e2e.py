@@ -7,7 +7,8 @@ one line per execution, job records, the queue, process ids):
   the same on the real SLURM with ``maximum_jobs=2``;
 * shrinking under a steady load loses nothing and computes nothing twice;
 * a job with a 30 s lifetime drains and is replaced ahead of time without a failed task, its end is
-  recorded as TIMEOUT, and jobs started together drain at staggered times;
+  recorded as TIMEOUT, and jobs started together drain at staggered times; the same for a SLURM job
+  with a 30 s walltime;
 * a load that comes and goes every few seconds gives a bounded number of submissions;
 * a job that dies is replaced while work remains; jobs that keep failing at start stop adaptive
   scaling with an AdaptiveError quoting the job's log;
@@ -310,6 +311,32 @@ def test_lifetime_drains_and_is_replaced_ahead_without_a_failed_task(local, tmp_
     assert min(sampler.serving[10:]) >= 2
     assert max(sampler.live_jobs) <= 4
     assert adaptive.error is None and cluster.start_failures == 0
+
+
+def test_slurm_walltime_drains_and_is_replaced_ahead(slurm_cluster, tmp_path: Path) -> None:
+    # A 30 s walltime: the template starts workers with --lifetime 27s (walltime less a tenth);
+    # the cluster drains the job a little earlier (its stagger) and replaces it ahead of time.
+    cluster = slurm_cluster(walltime="00:00:30")
+    policy = LoadPolicy(minimum_jobs=1, maximum_jobs=2, target_duration_s=1, replace_before_s=8)
+    adaptive = cluster.adapt(policy=policy, interval="200ms")
+    wait_until(lambda: len(cluster.workers) == 1, timeout=60, message=describe(cluster, adaptive))
+    (first,) = cluster.jobs.values()
+    log = tmp_path / "executions"
+    with Client(cluster) as client:
+        futures = []
+        i = 0
+        while not first.state.finished:
+            assert i < 400, describe(cluster, adaptive)()  # 60 s: the walltime is 30 s
+            futures.append(client.submit(record, str(log), i, 0.3))
+            i += 1
+            time.sleep(0.15)  # a steady load through the expiry (pacing, not synchronising)
+        results = [f.result(timeout=60) for f in futures]
+    assert [v for v, _ in results] == [j * j for j in range(i)]
+    assert executions(log) == Counter(range(i))
+    assert first.state == JobState.TIMEOUT and first.error is None
+    replacement = next(r for r in cluster.jobs.values() if r is not first)
+    assert replacement.workers_seen and replacement.started_at < first.ended_at
+    assert adaptive.error is None
 
 
 # --------------------------------------------------------------------------------- 5: churn
