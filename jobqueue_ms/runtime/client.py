@@ -39,6 +39,7 @@ from .errors import (
     VersionMismatchError,
 )
 from .protocol import Kind, ProtocolError, loads_control, pack
+from .wakeup import Wakeup
 
 log = logging.getLogger("jobqueue_ms.client")
 
@@ -298,9 +299,7 @@ class Client(cf.Executor):
         self._all_answered = threading.Event()  # every scheduler answered (welcome or refusal)
         self._local = threading.local()
         self._ctx = zmq.Context()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._wake_pending = False
+        self._wakeup = Wakeup()
         self._links: list[_Link] = []
         for i, a in enumerate(self.addresses):
             sock = self._ctx.socket(zmq.DEALER)
@@ -662,12 +661,7 @@ class Client(cf.Executor):
         self._wake()
 
     def _wake(self) -> None:
-        if not self._wake_pending:
-            self._wake_pending = True
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+        self._wakeup.set()
 
     def _stop_io(self) -> None:
         self._command("stop", None)
@@ -675,16 +669,12 @@ class Client(cf.Executor):
         for s in getattr(self._local, "socks", {}).values():
             s.close(linger=0)
         self._ctx.term()
-        try:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-        except OSError:
-            pass
+        self._wakeup.close()
 
     def _io_loop(self) -> None:
         """Own the sockets: send submissions, receive results, heartbeat, fail over."""
         poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         by_sock = {}
         for link in self._links:
             poller.register(link.sock, zmq.POLLIN)
@@ -703,14 +693,8 @@ class Client(cf.Executor):
             while True:
                 events = poller.poll(int(self.heartbeat_interval_s * 500))
                 for sock, _ in events:
-                    if sock == self._wake_r:
-                        # drain first, then clear: a wake landing in between must leave a byte,
-                        # or the flag stays set with an empty pipe and every later wake is lost
-                        try:
-                            os.read(self._wake_r, 4096)
-                        except BlockingIOError:
-                            pass
-                        self._wake_pending = False
+                    if sock == self._wakeup.fd:
+                        self._wakeup.drain()
                         continue
                     link = by_sock[sock]
                     for _ in range(1000):

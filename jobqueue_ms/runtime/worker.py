@@ -31,6 +31,7 @@ import zmq
 
 from . import protocol
 from .protocol import Kind, ProtocolError, dumps_user, loads_control, pack
+from .wakeup import Wakeup
 
 log = logging.getLogger("jobqueue_ms.worker")
 
@@ -184,7 +185,6 @@ class Worker:
         self._fetching: dict[int, tuple[Any, list[_Item], list[tuple[str, int]], float]] = {}
         self._peers: dict[str, zmq.Socket[Any]] = {}
         self._req = itertools.count(1)
-        self._wake_pending = False
         self._stop = False
         self._retiring = False
         self._paused = False
@@ -210,15 +210,14 @@ class Worker:
     def run(self) -> int:
         """Serve until retired, expired or stopped; return the process exit code."""
         self._ctx = zmq.Context()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        self._wakeup = Wakeup()
         self._data = self._ctx.socket(zmq.ROUTER)
         self._data.setsockopt(zmq.LINGER, 0)
         port = self._data.bind_to_random_port(f"tcp://{self.host}")
         self.data_address = f"tcp://{self.host}:{port}"
         self._poller = zmq.Poller()
         self._poller.register(self._data, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._poller.register(self._wakeup.fd, zmq.POLLIN)
         self._sock_link: dict[Any, _SchedulerLink] = {}
         for i, address in enumerate(self.scheduler_addresses):
             sock = self._ctx.socket(zmq.DEALER)
@@ -254,8 +253,7 @@ class Worker:
             for s in [*self._peers.values(), *(lk.sock for lk in self._links), self._data]:
                 s.close(linger=100)
             self._ctx.term()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wakeup.close()
         return self.exit_code
 
     def stop(self) -> None:
@@ -281,14 +279,8 @@ class Worker:
             wait_ms = min(interval_ms, int((next_tick - time.monotonic()) * 1000) + 1)
             events = poll(timeout=max(0, wait_ms) if not self._results else 0)
             for sock, _ in events:
-                if sock == self._wake_r:
-                    # drain first, then clear: a wake landing in between must leave a byte behind,
-                    # or the flag stays set with an empty pipe and every later wake is lost
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                    self._wake_pending = False
+                if sock == self._wakeup.fd:
+                    self._wakeup.drain()
                     continue
                 self._drain_socket(sock)
             self._collect()
@@ -336,12 +328,7 @@ class Worker:
 
     def _wake(self) -> None:
         """Wake the I/O loop from an executor thread (once per batch of results)."""
-        if not self._wake_pending:
-            self._wake_pending = True
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+        self._wakeup.set()
 
     # ------------------------------------------------------------------ registration
     def _hello(self, link: _SchedulerLink, now: float) -> None:
