@@ -230,15 +230,6 @@ def test_slurm_burst_scales_to_maximum_jobs_and_back_to_zero(slurm_cluster, tmp_
 # ------------------------------------------------------------------- 3: shrinking loses nothing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError, TypeError),
-    reason="runtime bug: a worker that receives a retiring peer's results stores "
-    "store_nbytes[key] = _nbytes(value), None for a non-buffer value (worker.py, _on_peer_data, "
-    "replication branch; elsewhere `or 0`), then crashes summing it in _status; the nanny "
-    "restarts it and every result it held is recomputed (runs twice), and a task needing one "
-    "meanwhile gets ('inline', None) and fails with TypeError in _Inline.load",
-)
 def test_scale_down_under_steady_load_loses_and_repeats_nothing(local, tmp_path: Path) -> None:
     cluster = local()
     adaptive = cluster.adapt(minimum=0, maximum=4, **FAST)

@@ -49,6 +49,9 @@ def run_worker(worker_kwargs: dict[str, Any], nanny: bool = True) -> int:
         from ..units import parse_memory
 
         limit = parse_memory(limit, "memory_limit")
+    if worker_kwargs.get("lifetime"):  # fixed now, so a restarted worker does not outlive it
+        worker_kwargs = dict(worker_kwargs)
+        worker_kwargs["lifetime_end"] = time.time() + worker_kwargs.pop("lifetime")
     restarts: list[float] = []
     while True:
         child = os.fork()

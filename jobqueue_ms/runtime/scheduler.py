@@ -788,11 +788,42 @@ class Scheduler:
         w.lease -= len(batch)
         return batch
 
+    def _inputs_lost(self, t: Task) -> bool:
+        """Hold a ready task back (WAITING) while an input of it is being recomputed.
+
+        Its inputs were all finished when it became ready; a worker lost since then may have
+        held one, which is now running again.
+        """
+        held = False
+        for _, src in t.deps:  # type: ignore[union-attr]
+            if type(src) is int:
+                dep = self.tasks.get(src)
+                if dep is not None and (
+                    dep.state != DONE or (dep.where is None and dep.result is None)
+                ):
+                    held = True
+                    t.ndeps += 1
+                    if dep.dependents is None:
+                        dep.dependents = []
+                    dep.dependents.append(t)
+        if held:
+            t.state = WAITING
+        return held
+
     def _send_tasks(self, w: WorkerRecord, batch: list[Task]) -> None:
         """Send a batch: each task's function blob once, inputs as values or locations."""
         funcs: dict[bytes, bytes] = {}
         out = []
         tasks = self.tasks
+        held = [t for t in batch if t.deps and self._inputs_lost(t)]
+        if held:
+            w.lease += len(held)  # give back what _take reserved for them
+            for t in held:
+                for name, amount in (t.resources or {}).items():
+                    w.lease_resources[name] = w.lease_resources.get(name, 0) + amount
+            batch = [t for t in batch if t.state != WAITING]
+            if not batch:
+                return
         for t in batch:
             t.state = ASSIGNED
             t.worker = w

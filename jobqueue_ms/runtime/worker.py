@@ -125,6 +125,8 @@ class Worker:
         Abstract resources, e.g. ``{"GPU": 2}``; tasks that ask for them are leased accordingly.
     lifetime:
         Seconds until the worker drains and leaves by itself (a job's walltime, minus margin).
+    lifetime_end:
+        The same as an absolute time (epoch seconds); the nanny passes it to restarted workers.
     host:
         Address to bind the data port to (what peers and clients connect to).
     """
@@ -138,6 +140,7 @@ class Worker:
         job: str | None = None,
         resources: dict[str, float] | None = None,
         lifetime: float | None = None,
+        lifetime_end: float | None = None,
         host: str | None = None,
         heartbeat_interval_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
@@ -157,7 +160,8 @@ class Worker:
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.job = job
         self.resources = dict(resources or {})
-        self.lifetime_end = time.time() + lifetime if lifetime else None
+        # an absolute end (epoch) wins: a nanny restarting the worker keeps the job's end
+        self.lifetime_end = lifetime_end or (time.time() + lifetime if lifetime else None)
         self.host = host or "127.0.0.1"
         self.heartbeat_interval_s = heartbeat_interval_s or float(
             os.environ.get("JOBQUEUE_MS_HEARTBEAT_INTERVAL", "0.5")
@@ -668,7 +672,7 @@ class Worker:
             for (_, skey), value in zip(wanted, values, strict=False):
                 if value is not _MISSING:
                     self.store[skey] = value
-                    self.store_nbytes[skey] = _nbytes(value)
+                    self.store_nbytes[skey] = _nbytes(value) or 0
                     stored.append(skey[1])
             link = self._link_for_sid(wanted[0][1][0]) if wanted else None
             if link is not None and stored:
