@@ -7,6 +7,7 @@ remote directory with psutil and os.path directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -271,7 +272,8 @@ def test_host_unreachable_at_close_is_reported(tmp_path: Path) -> None:
         cluster.wait_for_workers(1, timeout=60)
         stop_hosts(lone)  # no new connections; then drop the shared one too
         for master in processes_of(f"{cluster.cluster_dir}/cm-"):
-            master.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                master.kill()
         with pytest.raises(ClusterError, match="could not clean up every host"):
             cluster.close(timeout=5)
         assert len(cluster.close_errors) == 1
@@ -280,7 +282,8 @@ def test_host_unreachable_at_close_is_reported(tmp_path: Path) -> None:
         stop_hosts(lone)
         if cluster is not None:  # what the test left on the "lost" host
             for p in processes_of(cluster.name):
-                p.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):  # it may have just exited
+                    p.kill()
             wait_until(lambda: not processes_of(cluster.name), timeout=10)
             subprocess.run(["rm", "-rf", cluster.remote_directory], check=True)
 
