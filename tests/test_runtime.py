@@ -460,27 +460,30 @@ def _constant(k: int) -> Callable[[], int]:
     return lambda: k
 
 
-def test_function_dropped_by_the_scheduler_is_asked_for_again(client: Client) -> None:
+def test_function_dropped_by_the_scheduler_is_asked_for_again(cluster: LocalCluster) -> None:
     """Schedulers keep a bounded number of idle function blobs; a client never notices."""
 
     def first(x: int) -> int:
         return x + 1
 
-    assert client.submit(first, 1).result(timeout=30) == 2
-    # 600 distinct functions (closures over different values pickle differently) push `first`
-    # (spread over 2 schedulers) out of every scheduler's 256-entry idle-function cache
-    makers = [_constant(k) for k in range(600)]
-    futures = [client.submit(m) for m in makers]
-    assert client.gather(futures) == list(range(600))
-    del futures
+    # One scheduler, so that every submission goes where `first` was sent before (with two, the
+    # map below may go to the scheduler that never had it, which then gets the blob unasked).
+    with Client(cluster.scheduler_addresses[0]) as client:
+        assert client.submit(first, 1).result(timeout=30) == 2
+        # 600 distinct functions (closures over different values pickle differently) push
+        # `first` out of the scheduler's 256-entry idle-function cache
+        makers = [_constant(k) for k in range(600)]
+        futures = [client.submit(m) for m in makers]
+        assert client.gather(futures) == list(range(600))
+        del futures
 
-    def idle() -> bool:
-        return all(i["tasks_total"] == 0 for i in client.scheduler_info())
+        def idle() -> bool:
+            return all(i["tasks_total"] == 0 for i in client.scheduler_info())
 
-    wait_until(idle, timeout=30, message="released tasks forgotten by the schedulers")
-    assert list(client.map(first, range(20), timeout=30)) == list(range(1, 21))
-    asked = sum(i["counters"]["functions_asked_again"] for i in client.scheduler_info())
-    assert asked >= 1
+        wait_until(idle, timeout=30, message="released tasks forgotten by the scheduler")
+        assert list(client.map(first, range(20), timeout=30)) == list(range(1, 21))
+        asked = sum(i["counters"]["functions_asked_again"] for i in client.scheduler_info())
+        assert asked >= 1
 
 
 def test_worker_local_directory_becomes_the_tasks_tmpdir(tmp_path: Path) -> None:
