@@ -32,7 +32,7 @@ from .batch.units import FILTERS
 from .config import Config, get_config
 from .deploy import render as render_module
 from .deploy.cluster import JobRecord, JobState
-from .mpi import min_world_size
+from .layout import min_world_size
 
 SYSTEMS = ("slurm", "sge", "pbs", "lsf")
 LAUNCHERS = ("mpiexec", "mpirun", "srun")
