@@ -364,6 +364,8 @@ def render(
 @click.option("--log-directory", default=None, help="Where output and exit code go (default .).")
 @click.option("--workdir", default=None, help="Directory the job runs in (default .).")
 @click.option("--workers-everywhere/--no-workers-everywhere", default=None, help="Every rank too.")
+@click.option("--interface", default=None, help="Ranks listen on this interface, e.g. ib0.")
+@click.option("--host", default=None, help="Ranks listen on this address (one node only).")
 @click.option("--pe", default=None, help="SGE parallel environment (default smp).")
 @click.option("--pbs-flavor", default=None, help="PBS: pro (default) or torque.")
 @click.option("--dry-run", is_flag=True, help="Print the job script; submit nothing.")

@@ -52,7 +52,7 @@ CASES: dict[tuple[str, str], list[str]] = {
         *["--queue", "normal", "--account", "proj42", "--job-name", "mpi-full"],
         *["--launcher", "srun", "--launcher-arg=--mpi=pmi2", "--launcher-arg", "--cpu-bind=none"],
         *["--prologue", "module load mpich", "--prologue", "export OMP_NUM_THREADS=1"],
-        "--workers-everywhere",
+        *["--workers-everywhere", "--interface", "ib0"],
     ],
     ("sge", "basic"): [
         *["--nodes", "2", "--tasks-per-node", "4", "--schedulers", "2"],
@@ -225,7 +225,7 @@ def test_config_sections_supply_defaults_and_options_win(tmp_path, monkeypatch):
     ]
     assert "module load mpich" in out.splitlines()
     launch = out.split("status=0\n", 1)[1].splitlines()[0]
-    assert launch == "srun --mpi=pmi2 \\"
+    assert launch == "srun --cpus-per-task=1 --mpi=pmi2 \\"
 
 
 # ============================================================================ bad input
@@ -296,6 +296,25 @@ def test_unknown_mpi_config_key_names_its_file(tmp_path, monkeypatch, queue_comm
     assert not queue_commands.exists()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "rendered"),
+    [
+        ("JOBQUEUE_MS_MPI_INTERFACE", "lo", " --interface lo "),
+        ("JOBQUEUE_MS_MPI_HOST", "10.0.0.5", " --host 10.0.0.5 "),
+    ],
+)
+def test_where_ranks_listen_comes_from_the_mpi_settings(
+    variable, value, rendered, tmp_path, monkeypatch
+):
+    """$JOBQUEUE_MS_MPI_HOST/_INTERFACE are [mpi] settings: rendered, not refused as unknown."""
+    (tmp_path / "work.py").write_text("")
+    monkeypatch.setenv(variable, value)
+    get_config.cache_clear()
+    code, out, err = cli(["--system", "slurm", "--dry-run", "work.py"], tmp_path, monkeypatch)
+    assert (code, err) == (0, "")
+    assert rendered in out
+
+
 def test_build_spec_raises_submit_error(tmp_path):
     (tmp_path / "work.py").write_text("")
     with pytest.raises(SubmitError, match=r"schedulers=0 must be at least 1"):
@@ -305,11 +324,17 @@ def test_build_spec_raises_submit_error(tmp_path):
 # ============================================================================ real queues
 
 
+# The emulated SLURM nodes are all this machine: keep every rank on loopback (the default would
+# pick a routable interface for a world that spans several nodes, see docs/mpi.md). The [mpi]
+# setting renders `--interface lo` into the job script.
+LOOPBACK = {"JOBQUEUE_MS_MPI_INTERFACE": "lo"}
+
+
 def submit_process(
     args: list[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a real ``jobqueue-ms submit`` process (the venv's interpreter) from ``cwd``."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, **LOOPBACK, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "jobqueue_ms", "submit", *args],
         cwd=cwd,
