@@ -562,3 +562,36 @@ def test_slurm_cancelled_job_ends_wait_with_exit_code_1(slurm, mpi, job_name, tm
         f"jobqueue-ms submit: job {job_id} CANCELLED without recording the script's exit code "
         f"at {tmp_path / f'{job_name}-{job_id}.exit'}; exit code 1"
     )
+
+
+# ============================================================================ the sbatch example
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "scripts" / "example-sbatch-mpi.sh"
+
+
+def test_sbatch_example_is_valid_bash_and_the_one_in_the_docs():
+    subprocess.run(["bash", "-n", str(EXAMPLE)], check=True)
+    doc = (EXAMPLE.parents[1] / "docs" / "mpi.md").read_text()
+    section = doc[doc.index("## A complete sbatch example") :]
+    start = section.index("```bash\n") + len("```bash\n")
+    assert section[start : section.index("```\n", start)] == EXAMPLE.read_text()
+
+
+@pytest.mark.slow
+def test_sbatch_example_runs_on_slurm(slurm, mpi, job_name, work, tmp_path):
+    """sbatch the example as is; only its size is overridden to fit 2 emulated 2-CPU nodes."""
+    size = ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem-per-cpu=500M"]
+    export = f"--export=ALL,VENV={Path(mpi.python).parents[1]},JOBQUEUE_MS_MPI_INTERFACE=lo"
+    argv = ["sbatch", "--parsable", f"--job-name={job_name}", export, *size]
+    job_id = run([*argv, EXAMPLE, work, "0"], cwd=tmp_path).stdout.strip()
+
+    def gone() -> bool:
+        out = run(["squeue", "--noheader", "--jobs", job_id], check=False)
+        return out.returncode == 0 and not out.stdout.strip()
+
+    wait_until(gone, timeout=90, interval=0.2, message=f"example job {job_id} to end")
+    output = (tmp_path / f"jqms-mpi-{job_id}.out").read_text()
+    got = report_file(tmp_path)
+    assert got["sum"] == sum(x * x for x in range(100)), output
+    assert got["schedulers"] == 2
+    assert got["slurm_nodes"] == "2"
