@@ -296,6 +296,27 @@ def test_unknown_mpi_config_key_names_its_file(tmp_path, monkeypatch, queue_comm
     assert not queue_commands.exists()
 
 
+def test_a_refused_submission_is_one_line_and_exit_code_1(tmp_path, monkeypatch):
+    """sbatch failing (bad account, controller down...) ends in its message, not a traceback."""
+    (tmp_path / "work.py").write_text("")
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\n"
+        "exit 1\n"
+    )
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = cli(
+        ["--system", "slurm", "--account", "nope", "work.py"], tmp_path, monkeypatch
+    )
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1, err
+    assert err.startswith("jobqueue-ms submit: error: `sbatch --parsable ")
+    assert "exited with code 1; stderr: sbatch: error: Batch job submission failed" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "rendered"),
     [
