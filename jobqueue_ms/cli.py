@@ -364,6 +364,8 @@ def render(
 @click.option("--log-directory", default=None, help="Where output and exit code go (default .).")
 @click.option("--workdir", default=None, help="Directory the job runs in (default .).")
 @click.option("--workers-everywhere/--no-workers-everywhere", default=None, help="Every rank too.")
+@click.option("--interface", default=None, help="Ranks listen on this interface, e.g. ib0.")
+@click.option("--host", default=None, help="Ranks listen on this address (one node only).")
 @click.option("--pe", default=None, help="SGE parallel environment (default smp).")
 @click.option("--pbs-flavor", default=None, help="PBS: pro (default) or torque.")
 @click.option("--dry-run", is_flag=True, help="Print the job script; submit nothing.")
@@ -381,6 +383,7 @@ def submit(
     **options: object,
 ) -> None:
     """Submit one batch job that runs SCRIPT under the MPI bootstrap; print its job id."""
+    from .batch.base import CommandError
     from .submit import SubmitError, build_spec, render_submit_script
     from .submit import submit as submit_job
 
@@ -396,11 +399,16 @@ def submit(
     if dry_run:
         click.echo(render_submit_script(spec), nl=False)
         return
-    job = submit_job(spec)
-    click.echo(job.job_id)
 
     def say(text: str) -> None:
         click.echo(f"jobqueue-ms submit: {text}", err=True)
+
+    try:
+        job = submit_job(spec)
+    except CommandError as exc:  # sbatch/qsub/bsub refused it: its own words, on one line
+        say(f"error: {'; '.join(line.strip() for line in str(exc).splitlines() if line.strip())}")
+        sys.exit(1)
+    click.echo(job.job_id)
 
     say(f"job {job.job_id} ({spec.name}) submitted to {spec.system}; output: {job.log_path}")
     if not wait:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
+import ipaddress
 import logging
 import os
 import runpy
@@ -27,11 +29,30 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from .layout import Role, RoleKind, min_world_size, role_for
 
 if TYPE_CHECKING:
     from .runtime.client import Client
+
+__all__ = [
+    "Role",
+    "RoleKind",
+    "StartupError",
+    "choose_host",
+    "client",
+    "host_address",
+    "initialize",
+    "interface_address",
+    "main",
+    "min_world_size",
+    "role_for",
+    "scheduler_addresses",
+    "single_host_hint",
+]
 
 log = logging.getLogger("jobqueue_ms.mpi")
 
@@ -42,96 +63,158 @@ _SEND_GRACE_S = 5.0  # how long a stopping rank waits for its STOP sends to comp
 # seconds after a rank stopped serving, it leaves without finalizing, with the same exit code.
 _FINALIZE_TIMEOUT_S = float(os.environ.get("JOBQUEUE_MS_MPI_FINALIZE_TIMEOUT", "10"))
 
-RoleKind = Literal["scheduler", "client", "worker"]
 
+class StartupError(RuntimeError):
+    """Some rank could not start (no such interface, a scheduler that cannot bind...).
 
-# ============================================================================ rank layout
-
-
-@dataclass(frozen=True)
-class Role:
-    """What one MPI rank does.
-
-    ``kind`` is ``"scheduler"`` (then ``scheduler_index`` is 0..N-1), ``"client"`` (runs the
-    script) or ``"worker"``. ``runs_worker`` is True when the rank serves tasks too: always for
-    workers, and for every rank under ``workers_everywhere``.
+    Raised on every rank alike, after the exchange, with every rank's reason.
     """
 
-    kind: RoleKind
-    scheduler_index: int | None = None
-    runs_worker: bool = False
+
+# ============================================================================ where to listen
 
 
-def min_world_size(
-    n_schedulers: int, workers_everywhere: bool = False, has_client: bool = True
-) -> int:
-    """Smallest MPI world that fits the layout (at least one rank must run a worker)."""
-    base = n_schedulers + (1 if has_client else 0)
-    return max(base, 1) if workers_everywhere else base + 1
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
-def role_for(
-    rank: int,
-    world_size: int,
-    n_schedulers: int,
-    client_rank: int | None = None,
-    workers_everywhere: bool = False,
-    *,
-    has_client: bool = True,
-) -> Role:
-    """The role of ``rank`` in a world of ``world_size`` ranks (pure; same answer on every rank).
+def _routable(address: str) -> bool:
+    """An IPv4 address other hosts may reach: not loopback, link-local or unspecified."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.version == 4 and not (ip.is_loopback or ip.is_link_local or ip.is_unspecified)
 
-    Schedulers take the first ``n_schedulers`` ranks that are not the client rank; the client rank
-    defaults to ``n_schedulers`` (just after the schedulers). With ``workers_everywhere`` every
-    rank also runs a worker. ``has_client=False`` is service mode (no script, no client rank).
+
+def choose_host(
+    hostname_address: str | None,
+    interface_addresses: Sequence[str],
+    single_host: bool | None,
+) -> str:
+    """The address this rank listens on and advertises, when none was given (pure).
+
+    ``hostname_address`` is what the hostname resolves to (None: it does not resolve),
+    ``interface_addresses`` this host's IPv4 addresses in interface order, ``single_host``
+    whether every rank of the world runs on this host (None: unknown).
+
+    The hostname's address wins unless it is loopback: Debian-style ``/etc/hosts`` maps the
+    hostname to 127.0.1.1, where ranks on other nodes cannot connect. Then loopback is kept
+    only when every rank is known to be on this host; otherwise the first routable address of
+    an interface is used (it works from this host too), and loopback only if there is none.
+
+    >>> choose_host("10.1.2.3", ["10.1.2.3"], None)
+    '10.1.2.3'
+    >>> choose_host("127.0.1.1", ["127.0.0.1", "10.1.2.3"], False)
+    '10.1.2.3'
+    >>> choose_host("127.0.1.1", ["127.0.0.1", "10.1.2.3"], True)
+    '127.0.1.1'
+    """
+    if hostname_address and not _is_loopback(hostname_address):
+        return hostname_address
+    if single_host:
+        return hostname_address or "127.0.0.1"
+    for address in interface_addresses:
+        if _routable(address):
+            return address
+    return hostname_address or "127.0.0.1"
+
+
+def single_host_hint(env: Mapping[str, str], world_size: int) -> bool | None:
+    """Whether every rank runs on this host, from what the launcher exported (pure).
+
+    Open MPI sets ``OMPI_COMM_WORLD_LOCAL_SIZE`` and MPICH's hydra ``MPI_LOCALNRANKS`` (ranks on
+    this node); ``srun`` sets ``SLURM_STEP_NUM_NODES``. None when no launcher said.
+
+    >>> single_host_hint({"MPI_LOCALNRANKS": "4"}, 4), single_host_hint({"MPI_LOCALNRANKS": "2"}, 4)
+    (True, False)
+    >>> single_host_hint({"SLURM_STEP_NUM_NODES": "2"}, 4), single_host_hint({}, 4)
+    (False, None)
+    """
+    for key in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        value = env.get(key, "")
+        if value.isdigit():
+            return int(value) >= world_size
+    nodes = env.get("SLURM_STEP_NUM_NODES", "")
+    if nodes.isdigit():
+        return int(nodes) == 1
+    return None
+
+
+def interface_address(interface: str) -> str:
+    """The IPv4 address of network interface ``interface`` on this host (e.g. ``ib0``).
 
     Raises
     ------
     ValueError
-        The world is too small for the layout, or an argument is out of range.
+        No such interface, or it has no IPv4 address; the message lists the interfaces.
     """
-    if n_schedulers < 1:
-        raise ValueError(f"n_schedulers={n_schedulers!r} must be at least 1")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank!r} is not in an MPI world of size {world_size!r}")
-    need = min_world_size(n_schedulers, workers_everywhere, has_client)
-    if world_size < need:
-        parts = [f"{n_schedulers} scheduler(s)"]
-        if has_client:
-            parts.append("1 client")
-        if not workers_everywhere:
-            parts.append("at least 1 worker")
-        raise ValueError(
-            f"the MPI world has {world_size} rank(s) but the layout needs at least {need} "
-            f"({' + '.join(parts)}); start more ranks (mpirun -n {need}) or ask for fewer "
-            "schedulers" + ("" if workers_everywhere else " or use --workers-everywhere")
-        )
-    if has_client:
-        if client_rank is None:
-            client_rank = n_schedulers
-        if not 0 <= client_rank < world_size:
-            raise ValueError(
-                f"client_rank={client_rank!r} is not a rank of the MPI world of size {world_size}"
-            )
-        if rank == client_rank:
-            return Role("client", None, workers_everywhere)
-        index = rank if rank < client_rank else rank - 1
-    else:
-        index = rank
-    if index < n_schedulers:
-        return Role("scheduler", index, workers_everywhere)
-    return Role("worker", None, True)
+    import psutil
+
+    interfaces = psutil.net_if_addrs()
+    for a in interfaces.get(interface, []):
+        if a.family == socket.AF_INET:
+            return str(a.address)
+    known = ", ".join(
+        f"{name} ({', '.join(a.address for a in addrs if a.family == socket.AF_INET) or 'no IPv4'})"
+        for name, addrs in sorted(interfaces.items())
+    )
+    what = "has no IPv4 address" if interface in interfaces else "does not exist"
+    raise ValueError(
+        f"interface={interface!r} {what} on {socket.gethostname()}; known: {known}. "
+        "Pass one of them (--interface ib0) or an address (--host 10.0.0.5)"
+    )
 
 
-def host_address() -> str:
-    """The address other nodes reach this host at: ``$JOBQUEUE_MS_MPI_HOST`` or the hostname's."""
-    env = os.environ.get("JOBQUEUE_MS_MPI_HOST")
-    if env:
-        return env
+def _interface_addresses() -> list[str]:
+    """This host's IPv4 addresses, interfaces that are up first."""
     try:
-        return socket.gethostbyname(socket.gethostname())
+        import psutil
+
+        stats = psutil.net_if_stats()
+        found = [
+            (not (stats.get(name) and stats[name].isup), str(a.address))
+            for name, addrs in psutil.net_if_addrs().items()
+            for a in addrs
+            if a.family == socket.AF_INET
+        ]
+    except Exception:  # noqa: BLE001 - no psutil answer: fall back to the hostname
+        return []
+    return [address for _, address in sorted(found, key=lambda x: x[0])]
+
+
+def host_address(
+    host: str | None = None,
+    interface: str | None = None,
+    world_size: int = 1,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """The address other ranks reach this one at.
+
+    In order: ``host``, the address of ``interface``, ``$JOBQUEUE_MS_MPI_HOST``,
+    ``$JOBQUEUE_MS_MPI_INTERFACE``, else :func:`choose_host` over the hostname's address and
+    this host's interfaces. Each rank evaluates this itself, so an interface name gives every
+    node its own address.
+    """
+    env = os.environ if env is None else env
+    if host:
+        return host
+    if interface:
+        return interface_address(interface)
+    if env.get("JOBQUEUE_MS_MPI_HOST"):
+        return env["JOBQUEUE_MS_MPI_HOST"]
+    if env.get("JOBQUEUE_MS_MPI_INTERFACE"):
+        return interface_address(env["JOBQUEUE_MS_MPI_INTERFACE"])
+    try:
+        hostname_address: str | None = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        hostname_address = None
+    if hostname_address and not _is_loopback(hostname_address):
+        return hostname_address
+    return choose_host(hostname_address, _interface_addresses(), single_host_hint(env, world_size))
 
 
 # ============================================================================ the bootstrap
@@ -146,6 +229,7 @@ class _Options:
     workers_everywhere: bool = False
     scheduler_file: str | None = None
     host: str | None = None
+    interface: str | None = None
     has_client: bool = True
 
 
@@ -178,7 +262,7 @@ class _Node:
         self.opts = opts
         self.rank: int = comm.Get_rank()
         self.size: int = comm.Get_size()
-        self.host = opts.host or host_address()
+        self.host = ""  # found in start(), so that a failure is reported through the exchange
         self.scheduler: Any = None
         self.worker: Any = None
         self.worker_thread: threading.Thread | None = None
@@ -188,26 +272,39 @@ class _Node:
         self.stopped = threading.Event()  # set when this rank must stop serving
         self.watcher: threading.Thread | None = None
         self._stop_sent: set[int] = set()
+        self._wrote_scheduler_file = False
 
     # -------------------------------------------------------------- startup
     def start(self) -> None:
-        """Start the scheduler (if any), exchange addresses once, start the worker (if any)."""
+        """Start the scheduler (if any), exchange addresses once, start the worker (if any).
+
+        The one exchange is an ``allgather`` of (scheduler index, address, error, proposed
+        cluster id); every rank takes rank 0's proposal as the cluster id. No peer can reach a
+        scheduler before the exchange (nobody knows its address yet), so the scheduler gets the
+        cluster id just after it.
+        """
         from .runtime.scheduler import Scheduler
 
-        self.cluster_id = self.comm.bcast(
-            f"mpi-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None, root=0
-        )
-        entry: tuple[int | None, str | None, str | None] = (self.role.scheduler_index, None, None)
-        if self.role.kind == "scheduler":
-            try:
-                self.scheduler = Scheduler(host=self.host, port=0, cluster_id=self.cluster_id)
-                entry = (self.role.scheduler_index, self.scheduler.start(), None)
-            except Exception as exc:  # reported on every rank below
-                entry = (self.role.scheduler_index, None, f"rank {self.rank}: {exc}")
-        gathered = self.comm.allgather(entry)  # the one address exchange
+        proposal = f"mpi-{uuid.uuid4().hex[:8]}"
+        address: str | None = None
+        error: str | None = None
+        try:
+            self.host = host_address(self.opts.host, self.opts.interface, self.size)
+            if self.role.kind == "scheduler":
+                self.scheduler = Scheduler(host=self.host, port=0, cluster_id=proposal)
+                address = self.scheduler.start()
+        except Exception as exc:  # reported on every rank below
+            error = f"rank {self.rank}: {exc}"
+        entry = (self.role.scheduler_index, address, error, proposal)
+        gathered = self.comm.allgather(entry)  # the one exchange
+        self.cluster_id = gathered[0][3]
+        if self.scheduler is not None:
+            self.scheduler.cluster_id = self.cluster_id
         errors = [e[2] for e in gathered if e[2]]
         if errors:
-            raise RuntimeError("scheduler start failed: " + "; ".join(errors))
+            if self.scheduler is not None:
+                self.scheduler.stop()
+            raise StartupError("startup failed: " + "; ".join(errors))
         found = sorted((e[0], e[1]) for e in gathered if e[0] is not None and e[1])
         self.addresses = [a for _, a in found]
         if self.role.runs_worker:
@@ -329,8 +426,32 @@ class _Node:
         if self.watcher is not None:
             self.watcher.join(5)  # it cancels its receive: no MPI call pending at finalize
         self.shutdown_local()
+        self.remove_scheduler_file()
         _arm_exit_watchdog(self.exit_code)
         return self.exit_code
+
+    def write_scheduler_file(self) -> None:
+        """Service mode: scheduler 0 writes the file outside clients read (all N addresses)."""
+        if self.opts.scheduler_file and self.role.scheduler_index == 0:
+            from .runtime.scheduler import write_scheduler_file
+
+            write_scheduler_file(self.opts.scheduler_file, self.addresses, self.cluster_id)
+            self._wrote_scheduler_file = True
+
+    def remove_scheduler_file(self) -> None:
+        """Remove the scheduler file we wrote, unless another deployment replaced it since."""
+        path = self.opts.scheduler_file
+        if not path or not self._wrote_scheduler_file:
+            return
+        from .runtime.scheduler import read_scheduler_file
+
+        try:
+            ours = read_scheduler_file(path).get("cluster_id") == self.cluster_id
+        except ValueError:  # gone, or no longer a scheduler file
+            return
+        if ours:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
     def wait_for_workers(self, timeout: float) -> None:
         """Wait (bounded) until every expected worker registered with the schedulers."""
@@ -360,10 +481,9 @@ def _comm() -> Any:
     return MPI.COMM_WORLD
 
 
-def _bootstrap(opts: _Options) -> _Node:
-    """Compute this rank's role (fails before any startup) and start it."""
-    comm = _comm()
-    role = role_for(
+def _role(comm: Any, opts: _Options) -> Role:
+    """This rank's role; ValueError (the same on every rank) if the world is too small."""
+    return role_for(
         comm.Get_rank(),
         comm.Get_size(),
         opts.n_schedulers,
@@ -371,9 +491,20 @@ def _bootstrap(opts: _Options) -> _Node:
         opts.workers_everywhere,
         has_client=opts.has_client,
     )
+
+
+def _bootstrap(opts: _Options, comm: Any, role: Role) -> _Node:
+    """Start this rank's part (scheduler and/or worker) after the one exchange."""
     node = _Node(comm, role, opts)
     node.start()
     return node
+
+
+def _layout_error(comm: Any, exc: Exception) -> int:
+    """Say once (rank 0) why the layout does not fit; every rank leaves with code 2."""
+    if comm is None or comm.Get_rank() == 0:
+        print(f"jobqueue-ms mpi: error: {exc}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _become_client(node: _Node) -> Client:
@@ -466,11 +597,15 @@ def initialize(
     client_rank: int | None = None,
     workers_everywhere: bool = False,
     host: str | None = None,
+    interface: str | None = None,
 ) -> Client:
     """Turn an ``mpirun``-started script into a deployment; only the client rank returns.
 
     Every other rank serves (scheduler and/or worker) and calls ``sys.exit`` with the client
-    rank's exit code once the client rank finishes (an ``atexit`` hook there sends the stop).
+    rank's exit code once the client rank finishes (an ``atexit`` hook there sends the stop):
+    0, the code given to ``sys.exit(n)``, or 1 after an uncaught exception (its traceback is
+    printed by the client rank). A world too small for the layout prints one line (rank 0)
+    and every rank exits with code 2.
 
     Examples
     --------
@@ -486,22 +621,55 @@ def initialize(
         client_rank=client_rank,
         workers_everywhere=workers_everywhere,
         host=host,
+        interface=interface,
     )
-    node = _bootstrap(opts)
+    comm = _comm()
+    try:
+        role = _role(comm, opts)
+    except ValueError as exc:
+        sys.exit(_layout_error(comm, exc))
+    node = _bootstrap(opts, comm, role)
     if node.role.kind != "client":
         _install_signal_handlers(node)
         sys.exit(node.serve())
     c = _become_client(node)
+    exit_code = _track_exit_code()
+    atexit.register(lambda: _finish_client(node, exit_code()))
+    return c
+
+
+def exit_code_of(code: object) -> int:
+    """The process exit status Python gives ``sys.exit(code)`` (None 0, an int itself, else 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return int(code) & 0xFF
+    return 1
+
+
+def _track_exit_code() -> Any:
+    """Record how the script ends, for the atexit hook that stops every rank with that code.
+
+    An ``atexit`` hook cannot see the code the interpreter will exit with, so ``sys.exit`` is
+    wrapped (it records its argument, from the main thread) and ``sys.excepthook`` records 1 for
+    an uncaught exception (130 for KeyboardInterrupt). ``raise SystemExit(n)`` written out
+    bypasses the wrapper: use ``sys.exit(n)``. Returns a function giving the code so far.
+    """
     state = {"code": 0}
-    prev_hook = sys.excepthook
+    real_exit, prev_hook = sys.exit, sys.excepthook
+
+    def exit(code: object = None) -> None:  # noqa: A001 - stands in for sys.exit
+        if threading.current_thread() is threading.main_thread():
+            state["code"] = exit_code_of(code)
+        real_exit(code)
 
     def excepthook(t: Any, v: Any, tb: Any) -> None:
-        state["code"] = 1
+        state["code"] = 130 if issubclass(t, KeyboardInterrupt) else 1
         prev_hook(t, v, tb)
 
+    sys.exit = exit
     sys.excepthook = excepthook
-    atexit.register(lambda: _finish_client(node, state["code"]))
-    return c
+    return lambda: state["code"]
 
 
 # ============================================================================ command line
@@ -521,7 +689,17 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         action="store_true",
         help="also run a worker on the scheduler and client ranks",
     )
-    p.add_argument("--host", default=None, help="address to listen on (default: the hostname's)")
+    p.add_argument(
+        "--host",
+        default=None,
+        help="address to listen on and advertise (default: see docs/mpi.md, 'Where ranks listen')",
+    )
+    p.add_argument(
+        "--interface",
+        default=None,
+        metavar="IF",
+        help="listen on this network interface's address (e.g. ib0), looked up on each rank",
+    )
     p.add_argument(
         "--no-script", action="store_true", help="service mode: serve, write --scheduler-file"
     )
@@ -552,33 +730,28 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobqueue_ms.mpi")
         workers_everywhere=a.workers_everywhere,
         scheduler_file=a.scheduler_file,
         host=a.host,
+        interface=a.interface,
         has_client=not a.no_script,
     )
+    comm = None
     try:
         comm = _comm()
-        role_for(
-            comm.Get_rank(),
-            comm.Get_size(),
-            opts.n_schedulers,
-            opts.client_rank,
-            opts.workers_everywhere,
-            has_client=opts.has_client,
-        )
+        role = _role(comm, opts)
     except (ValueError, ImportError) as exc:
-        if "comm" not in locals() or comm.Get_rank() == 0:
-            print(f"jobqueue-ms mpi: error: {exc}", file=sys.stderr)
-        return 2
+        return _layout_error(comm, exc)
     try:
-        node = _bootstrap(opts)
+        node = _bootstrap(opts, comm, role)
+    except StartupError as exc:  # every rank has the same message: say it once
+        if comm.Get_rank() == 0:
+            print(f"jobqueue-ms mpi: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     except Exception as exc:
         print(f"jobqueue-ms mpi: error on rank {comm.Get_rank()}: {exc}", file=sys.stderr)
         return 1
     if node.role.kind != "client":
         _install_signal_handlers(node)
-        if opts.scheduler_file and node.role.scheduler_index == 0:
-            from .runtime.scheduler import write_scheduler_file
-
-            write_scheduler_file(opts.scheduler_file, node.addresses, node.cluster_id)
+        node.write_scheduler_file()
+        if node.role.scheduler_index == 0 and opts.scheduler_file:
             print(f"jobqueue-ms mpi: schedulers at {', '.join(node.addresses)}", flush=True)
         return node.serve()
     code = 1

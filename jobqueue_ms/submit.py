@@ -32,7 +32,7 @@ from .batch.units import FILTERS
 from .config import Config, get_config
 from .deploy import render as render_module
 from .deploy.cluster import JobRecord, JobState
-from .mpi import min_world_size
+from .layout import min_world_size
 
 SYSTEMS = ("slurm", "sge", "pbs", "lsf")
 LAUNCHERS = ("mpiexec", "mpirun", "srun")
@@ -51,6 +51,8 @@ MPI_DEFAULTS: dict[str, Any] = {
     "launcher_args": [],
     "memory_limit": None,
     "workers_everywhere": False,
+    "host": None,  # --host of the bootstrap: one address for every rank
+    "interface": None,  # --interface of the bootstrap: looked up on each rank
 }
 # What a batch system's section ([slurm] ...) contributes: the rest of it (cores, processes,
 # worker_extra_args...) describes the worker jobs of a BatchCluster and does not apply here.
@@ -101,6 +103,8 @@ class SubmitSpec:
     workdir: str
     script: str
     script_args: tuple[str, ...]
+    host: str | None = None
+    interface: str | None = None
     template_dirs: tuple[str, ...] = ()
     settings: _ClusterSettings = field(default_factory=_ClusterSettings)
 
@@ -134,8 +138,9 @@ def build_spec(
     config
         Settings (default: the config files and environment). ``[mpi]`` gives ``nodes``,
         ``tasks_per_node``, ``cpus_per_task``, ``schedulers``, ``launcher``, ``launcher_args``,
-        ``memory_limit``, ``workers_everywhere``; the system's section gives ``queue``,
-        ``account``, ``walltime``, ``memory``, ``python``, ``log_directory``, the prologue...
+        ``memory_limit``, ``workers_everywhere``, ``host``, ``interface``; the system's section
+        gives ``queue``, ``account``, ``walltime``, ``memory``, ``python``, ``log_directory``,
+        the prologue...
     options
         The same names (a value of None is not given), plus ``prologue`` (shell lines, the
         ``job_script_prologue``), ``workdir`` and ``template_dirs``.
@@ -206,6 +211,12 @@ def _build_spec(
     workers_everywhere = mpi["workers_everywhere"]
     if not isinstance(workers_everywhere, bool):
         raise SubmitError(f"workers_everywhere={workers_everywhere!r} is not true or false")
+    listen: dict[str, str | None] = {}
+    for key, what, example in (("host", "an address", "10.0.0.5"), ("interface", "a name", "ib0")):
+        value = mpi[key]
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise SubmitError(f"{key}={value!r} is not {what}; use e.g. --{key} {example}")
+        listen[key] = value.strip() if value else None
     memory_limit = mpi["memory_limit"]
     if memory_limit is not None:
         memory_limit = render_module.memory_text(_memory_bytes("memory_limit", memory_limit))
@@ -267,6 +278,8 @@ def _build_spec(
         workdir=str(workdir.resolve()),
         script=str(path),
         script_args=tuple(str(a) for a in script_args),
+        host=listen["host"],
+        interface=listen["interface"],
         template_dirs=settings.template_dirs,
         settings=settings,
     )
@@ -345,6 +358,8 @@ def render_submit_script(spec: SubmitSpec) -> str:
         "n_schedulers": spec.n_schedulers,
         "memory_limit": spec.memory_limit,
         "workers_everywhere": spec.workers_everywhere,
+        "host": spec.host,
+        "interface": spec.interface,
         "workdir": spec.workdir,
         "script": spec.script,
         "script_args": list(spec.script_args),

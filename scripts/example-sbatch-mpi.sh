@@ -20,12 +20,14 @@ source "${VENV:-$HOME/venvs/jqms}/bin/activate"
 SCRIPT=${1:?usage: sbatch example-sbatch-mpi.sh script.py [args...]}
 shift
 
-# Optional: the address other nodes reach this one at (default: the hostname's address).
-# export JOBQUEUE_MS_MPI_HOST=$(ip -4 -o addr show ib0 | awk '{print $4}' | cut -d/ -f1)
+# Where ranks listen: by default the hostname's address (a routable interface's when the
+# hostname resolves to loopback). To pick a network, add `--interface ib0` to the command
+# below: each rank looks up that interface's address on its own node.
 
 # Either launcher works; pick the one your MPI supports:
 #   srun --mpi=pmi2 (PyPI/apt MPICH)  |  srun --mpi=pmix (Open MPI)  |  mpiexec -n "$SLURM_NTASKS"
-srun --mpi=pmi2 python -m jobqueue_ms.mpi \
+# Since SLURM 22.05 srun no longer takes --cpus-per-task from the allocation: pass it on.
+srun --mpi=pmi2 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" python -m jobqueue_ms.mpi \
     --schedulers 2 \
     --threads-per-worker "${SLURM_CPUS_PER_TASK:-1}" \
     --memory-limit 3GiB \

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,9 +96,15 @@ def _login_ok(hosts: SSHHosts, address: str) -> bool:
 
 
 def start_hosts(
-    directory: Path, addresses: tuple[str, ...] = ("127.0.0.2", "127.0.0.3")
+    directory: Path,
+    addresses: tuple[str, ...] = ("127.0.0.2", "127.0.0.3"),
+    cpus: Mapping[str, str] | None = None,
 ) -> SSHHosts:
-    """Start one key-only sshd per address in ``directory``; return once each accepts a login."""
+    """Start one key-only sshd per address in ``directory``; return once each accepts a login.
+
+    ``cpus`` pins the sshd of an address (and so every login and process there) to CPUs, like
+    ``{"127.0.0.3": "0"}`` (``taskset -c 0``): a "host" with fewer cores than this machine.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     key = directory / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -124,7 +131,8 @@ def start_hosts(
             )
             subprocess.run([str(SSHD), "-t", "-f", str(conf)], check=True, capture_output=True)
             log = directory / f"sshd-{address}.log"
-            subprocess.run([str(SSHD), "-f", str(conf), "-E", str(log)], check=True)
+            pin = ["taskset", "-c", cpus[address]] if cpus and address in cpus else []
+            subprocess.run([*pin, str(SSHD), "-f", str(conf), "-E", str(log)], check=True)
             hosts.pidfiles.append(pidfile)
         for address in addresses:
             wait_until(

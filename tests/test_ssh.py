@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +27,20 @@ from sshd import SSHHosts, start_hosts, stop_hosts, why_not_available
 
 from jobqueue_ms import Client
 from jobqueue_ms.deploy.cluster import ClusterError, JobState
-from jobqueue_ms.deploy.ssh import SSHCluster, SSHError
+from jobqueue_ms.deploy.ssh import (
+    REMOTE_COMMAND,
+    UNIX_PATH_MAX,
+    HostCapacity,
+    SSHCluster,
+    SSHError,
+    _control_directory,
+    connect_timeout_option,
+    parse_hosts,
+    place_job,
+    remote_stdin,
+    render_script,
+    scheduler_placement,
+)
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(240)]
 
@@ -73,6 +88,15 @@ def processes_of(name: str) -> list[psutil.Process]:
     return found
 
 
+def control_masters(cluster: SSHCluster) -> list[psutil.Process]:
+    """The cluster's ControlMaster processes (they rename themselves "ssh: <socket> [mux]")."""
+    return [
+        p
+        for p in processes_of(f"{cluster.control_directory}/cm-")
+        if p.cmdline()[0].startswith("ssh: ")
+    ]
+
+
 def live_jobs(cluster: SSHCluster) -> list[str]:
     return [r.name for r in cluster.jobs.values() if not r.state.finished]
 
@@ -98,7 +122,7 @@ def test_two_hosts_two_schedulers_compute_scale_and_close(hosts: SSHHosts) -> No
             assert [f.result(timeout=60) for f in futures] == [i * i for i in range(40)]
             assert client.submit(socket.gethostname).result(timeout=60)
 
-        cluster.scale(jobs=3)  # the third job goes to a host with the fewest jobs
+        cluster.scale(jobs=3)  # the third job goes to a host with the most free cores
         cluster.wait_for_workers(6, timeout=60)
         per_host = Counter(r.info["host"] for r in cluster.jobs.values())
         assert sorted(per_host.values()) == [1, 2]
@@ -175,11 +199,12 @@ def test_every_ssh_call_to_a_host_shares_one_connection(hosts: SSHHosts) -> None
             cluster.sync()  # each polls every host over ssh
         cluster.scale(jobs=0)
         wait_until(lambda: not live_jobs(cluster), timeout=60, message=lambda: cluster)
-        masters = processes_of(f"{cluster.cluster_dir}/cm-")
+        masters = control_masters(cluster)
         assert len(masters) == 2, [p.cmdline() for p in masters]
         logins = {a: hosts.logins(a) - before[a] for a in hosts.addresses}
     assert logins == {a: 1 for a in hosts.addresses}
-    assert processes_of(f"{cluster.cluster_dir}/cm-") == []  # close() stopped the masters
+    assert control_masters(cluster) == []  # close() stopped the masters
+    assert not os.path.exists(cluster.control_directory)
 
 
 def test_adapt_scales_up_for_work_and_down_when_idle(hosts: SSHHosts) -> None:
@@ -256,8 +281,11 @@ def test_scheduler_port_in_use_is_named(hosts: SSHHosts) -> None:
         with pytest.raises(ClusterError) as info:
             make_cluster(hosts, scheduler_port=port)
     message = str(info.value)
-    assert f"host '127.0.0.2': the scheduler exited before listening on 127.0.0.2:{port}" in message
-    assert "in use" in message
+    assert isinstance(info.value, SSHError)  # with ssh's command and the scheduler's script
+    assert f"host '127.0.0.2': scheduler 0 exited before listening on 127.0.0.2:{port}" in message
+    assert "in use" in message  # the scheduler's log, shown as stderr
+    assert "\n  command: ssh " in message
+    assert f"-m jobqueue_ms scheduler --host 127.0.0.2 --port {port}" in message
 
 
 def test_host_unreachable_at_close_is_reported(tmp_path: Path) -> None:
@@ -271,7 +299,7 @@ def test_host_unreachable_at_close_is_reported(tmp_path: Path) -> None:
         cluster.scale(jobs=1)
         cluster.wait_for_workers(1, timeout=60)
         stop_hosts(lone)  # no new connections; then drop the shared one too
-        for master in processes_of(f"{cluster.cluster_dir}/cm-"):
+        for master in processes_of(f"{cluster.control_directory}/cm-"):
             with contextlib.suppress(psutil.NoSuchProcess):
                 master.kill()
         with pytest.raises(ClusterError, match="could not clean up every host"):
@@ -325,3 +353,288 @@ def test_interpreter_exit_stops_remote_processes(hosts: SSHHosts) -> None:
         for p in processes_of(name):
             p.kill()
         subprocess.run(["rm", "-rf", remote_directory], check=True)
+
+
+# ============================================================================ pure parts
+
+CAP = {"a": HostCapacity(4, 8 * 2**30, 0.5), "b": HostCapacity(2, 8 * 2**30, 0.1)}
+
+
+@pytest.mark.parametrize(
+    ("jobs", "kwargs", "expected"),
+    [
+        # the most cores left after the job wins, whatever the order or count of jobs
+        ({}, {}, "a"),
+        ({"a": 1}, {}, "a"),  # 4 - 2 = 2 left against 2 - 1 = 1
+        ({"a": 2}, {}, "b"),  # 1 left on each: fewer of our jobs wins
+        ({"a": 3}, {}, "b"),
+        # a tie on cores left: fewer of our jobs, then the lower load
+        ({"a": 2, "b": 0}, {"cores_per_job": 1}, "b"),
+        ({"a": 1, "b": 1}, {"cores_per_job": 1, "hosts": ["a", "b", "c"]}, "a"),
+        # jobs of several cores
+        ({"a": 1}, {"cores_per_job": 2}, "b"),
+        ({"a": 0, "b": 0}, {"cores_per_job": 2}, "a"),
+        # memory: a job whose workers' limits no longer fit goes elsewhere
+        ({"a": 1}, {"memory_per_job": 6 * 2**30}, "b"),
+        ({"a": 1, "b": 1}, {"memory_per_job": 6 * 2**30}, "a"),  # nowhere fits: cores decide
+        # max_jobs_per_host
+        ({"a": 2, "b": 2}, {"max_jobs_per_host": 2}, None),
+        ({"a": 0, "b": 1}, {"max_jobs_per_host": 1}, "a"),
+    ],
+)
+def test_place_job_table(jobs, kwargs, expected):
+    hosts = kwargs.pop("hosts", ["b", "a"])
+    assert place_job(hosts, CAP, jobs, **kwargs) == expected
+
+
+def test_place_job_without_a_probe_counts_one_core():
+    assert place_job(["x", "y"], {}, {"x": 1}) == "y"
+    assert place_job(["x", "y"], {"y": HostCapacity(1)}, {}) == "x"  # tie: listed order
+
+
+def test_parse_hosts_forms_and_errors():
+    got = parse_hosts("hosts", ["n1", {"host": "vm1", "address": "10.0.0.5"}, "n1"])
+    assert got == {"n1": None, "vm1": "10.0.0.5"}
+    for bad, match in [
+        ("n1", "must be a non-empty list"),
+        ([], "must be a non-empty list"),
+        ([{"host": "vm1", "adress": "x"}], r"unknown keys: \['adress'\]"),
+        ([{"address": "10.0.0.5"}], "use {'host': 'vm1'}"),
+        ([{"host": "a", "address": "1"}, {"host": "a", "address": "2"}], "different addresses"),
+        ([3], "not a host name"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_hosts("hosts", bad)
+
+
+def test_fixed_scheduler_port_with_two_schedulers_on_one_host_is_refused():
+    assert scheduler_placement(3, ["h1", "h2"]) == ["h1", "h2", "h1"]
+    with pytest.raises(ValueError) as info:
+        SSHCluster(["h1"], n_schedulers=2, scheduler_port=8786)
+    message = str(info.value)
+    assert "scheduler_port=8786 with n_schedulers=2" in message
+    assert "['h1']" in message and "scheduler_port=0" in message
+
+
+@pytest.mark.parametrize(("seconds", "option"), [(0.5, 1), (0.001, 1), (1, 1), (2.1, 3), (10, 10)])
+def test_connect_timeout_is_whole_seconds_at_least_one(seconds, option):
+    assert connect_timeout_option(seconds) == f"ConnectTimeout={option}"
+
+
+def test_control_sockets_go_to_a_short_directory(tmp_path, monkeypatch):
+    long_tmp = tmp_path / ("x" * 90)
+    long_tmp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(long_tmp))
+    directory = _control_directory()
+    try:
+        assert directory.startswith("/tmp/jqms-cm-")
+        # what ssh creates: <dir>/cm-<40 hex digits>.<16 random characters>
+        assert len(f"{directory}/cm-{'0' * 40}.{'X' * 16}") < UNIX_PATH_MAX
+    finally:
+        os.rmdir(directory)
+
+
+@pytest.mark.parametrize("shell", ["bash", "dash", "tcsh", "csh"])
+def test_the_remote_command_survives_any_login_shell(shell, tmp_path):
+    """sshd runs the command with the user's login shell (`$SHELL -c COMMAND`): do that here.
+
+    The script travels on stdin, so the login shell parses only `bash -s`; csh/tcsh could not
+    parse the multi-line `bash -c '...'` that was sent before (shown by the old form failing).
+    """
+    path = shutil.which(shell)
+    if path is None:
+        pytest.skip(f"{shell} is not installed")
+    out = tmp_path / "out"
+    script = f"set -e\nx='it'\"'\"'s \"quoted\" $HOME'\nprintf '%s\\n' \"$x\" > {out}\necho done"
+    proc = subprocess.run(
+        [path, "-c", REMOTE_COMMAND], input=remote_stdin(script), capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stdout) == (0, "done\n"), proc.stderr
+    assert out.read_text() == 'it\'s "quoted" $HOME\n'  # single quotes kept it literal
+    if shell in ("tcsh", "csh"):
+        old = subprocess.run(
+            [path, "-c", shlex.join(["bash", "-c", script])], capture_output=True, text=True
+        )
+        assert old.returncode != 0
+
+
+# ============================================================================ goldens
+
+GOLDEN = Path(__file__).parent / "golden" / "ssh"
+UPDATE = os.environ.get("UPDATE_GOLDENS") == "1"
+PY = "/opt/venv/bin/python"
+SCHED = ["tcp://10.0.0.1:40001", "tcp://10.0.0.2:40002"]
+
+
+def _worker_argv(name: str, i: int, address: str) -> list[str]:
+    argv = [PY, "-m", "jobqueue_ms", "worker"]
+    for a in SCHED:
+        argv += ["--scheduler", a]
+    return [*argv, "--nthreads", "2", "--name", f"{name}-{i}", "--job", name, "--host", address]
+
+
+GOLDEN_CASES: dict[tuple[str, str], dict[str, Any]] = {
+    ("worker", "basic"): dict(
+        role="worker",
+        name="jqms-ab12-1",
+        host="node1",
+        address="10.0.0.1",
+        processes=[_worker_argv("jqms-ab12-1", i, "10.0.0.1") for i in range(2)],
+        exit_file="/tmp/jqms-ab12/jqms-ab12-1.exit",
+    ),
+    ("worker", "prologue-env"): dict(
+        role="worker",
+        name="jqms-ab12-2",
+        host="me@vm1",
+        address="192.168.7.5",
+        processes=[_worker_argv("jqms-ab12-2", 0, "192.168.7.5")],
+        exit_file="/scratch/me dir/jqms-ab12/jqms-ab12-2.exit",
+        prologue=["module load gcc/12", "source /opt/venv/bin/activate"],
+        env={"OMP_NUM_THREADS": "1", "TRICKY": "it's $HOME"},
+    ),
+    ("scheduler", "basic"): dict(
+        role="scheduler",
+        name="scheduler-0",
+        host="node1",
+        address="10.0.0.1",
+        processes=[
+            [PY, "-m", "jobqueue_ms", "scheduler", "--host", "10.0.0.1", "--port", "0"]
+            + ["--scheduler-file", "/tmp/jqms-ab12/scheduler-0.json", "--cluster-id", "ab12"]
+        ],
+        exit_file="/tmp/jqms-ab12/scheduler-0.exit",
+        prologue=["module load gcc/12"],
+    ),
+}
+
+
+@pytest.mark.parametrize(("role", "case"), sorted(GOLDEN_CASES), ids="/".join)
+def test_ssh_template_golden(role, case):
+    rendered = render_script(**GOLDEN_CASES[role, case])
+    path = GOLDEN / role / f"{case}.sh"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rendered)
+    assert path.read_text() == rendered, f"{path} differs; rerun with UPDATE_GOLDENS=1 to review"
+    subprocess.run(["bash", "-n"], input=rendered, text=True, check=True)
+
+
+def test_every_ssh_golden_has_a_case():
+    assert {(p.parent.name, p.stem) for p in GOLDEN.glob("*/*.sh")} == set(GOLDEN_CASES)
+
+
+# ============================================================================ more real sshd
+
+
+def remote_scheduler(cluster: SSHCluster, index: int) -> psutil.Process:
+    """The scheduler process itself (not its launch script), found by its scheduler file."""
+    file = f"{cluster.remote_directory}/scheduler-{index}.json"
+    (proc,) = [p for p in processes_of(file) if p.cmdline()[:1] == [cluster.python]]
+    return proc
+
+
+def test_job_script_shows_the_scheduler_launch_that_runs(hosts: SSHHosts) -> None:
+    with make_cluster(hosts, hosts=[hosts.addresses[0]]) as cluster:
+        script = cluster.job_script(role="scheduler")
+        assert Path(f"{cluster.remote_directory}/scheduler-0.sh").read_text() == script
+        subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+        assert remote_scheduler(cluster, 0).is_running()
+        with pytest.raises(ValueError, match="role='nanny'"):
+            cluster.job_script(role="nanny")
+
+
+def test_a_dead_remote_scheduler_is_noticed(
+    hosts: SSHHosts, caplog: pytest.LogCaptureFixture
+) -> None:
+    with make_cluster(hosts, n_schedulers=2, scheduler_hosts=list(hosts.addresses)) as cluster:
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(1, timeout=60)
+        dead_address = cluster.scheduler_addresses[1]
+        assert cluster.scheduler_status == {a: "running" for a in cluster.scheduler_addresses}
+        remote_scheduler(cluster, 1).kill()
+        wait_until(
+            lambda: cluster.scheduler_status[dead_address].startswith("dead"),
+            timeout=30,
+            message=lambda: cluster.scheduler_status,
+        )
+        assert cluster.scheduler_status[dead_address] == "dead: exited with status 137"
+        assert f"dead schedulers: {dead_address} on 127.0.0.3" in repr(cluster)
+        assert any(
+            "scheduler 1" in r.getMessage() and "died" in r.getMessage() for r in caplog.records
+        )
+        with Client(cluster) as client:  # the other scheduler still serves
+            assert client.submit(pow, 3, 3).result(timeout=60) == 27
+    assert processes_of(cluster.name) == []
+
+
+def test_a_killed_worker_is_restarted_by_its_nanny_and_the_job_goes_on(hosts: SSHHosts) -> None:
+    with make_cluster(hosts, hosts=[hosts.addresses[0]], workers_per_host=2) as cluster:
+        cluster.scale_up(1)  # the direct call: one more job, kept
+        cluster.wait_for_workers(2, timeout=60)
+        (job,) = cluster.jobs.values()
+        victim = sorted(cluster.workers)[0]
+        old_pid = cluster.workers[victim]["pid"]
+        nanny = psutil.Process(old_pid).parent()
+        assert f"--name {victim}" in " ".join(nanny.cmdline())
+        os.kill(old_pid, signal.SIGKILL)  # the worker, not its nanny or the job
+
+        def restarted() -> bool:
+            workers = cluster.workers
+            return victim in workers and workers[victim]["pid"] not in (old_pid, None)
+
+        wait_until(restarted, timeout=60, interval=0.2, message=lambda: cluster.workers)
+        assert psutil.Process(cluster.workers[victim]["pid"]).parent().pid == nanny.pid
+        cluster.sync()
+        assert job.state == JobState.RUNNING and len(cluster.jobs) == 1
+        with Client(cluster) as client:
+            assert list(client.map(abs, range(-8, 0))) == list(range(8, 0, -1))
+    assert processes_of(cluster.name) == []
+
+
+def test_workers_go_where_the_free_cores_are(tmp_path: Path) -> None:
+    """127.0.0.6's sshd is pinned to one CPU: the probe sees 1 core there, all of them on .5."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to tell a 1-core host from a bigger one")
+    reason = why_not_available()
+    if reason:
+        pytest.skip(reason)
+    pair = start_hosts(tmp_path / "sshd", ("127.0.0.5", "127.0.0.6"), cpus={"127.0.0.6": "0"})
+    try:
+        # the small host first: a fewest-jobs rule would start there
+        with make_cluster(pair, hosts=["127.0.0.6", "127.0.0.5"]) as cluster:
+            capacity = cluster.host_capacity
+            assert capacity["127.0.0.6"].cores == 1
+            assert capacity["127.0.0.5"].cores == len(os.sched_getaffinity(0))
+            assert capacity["127.0.0.5"].memory_bytes > 2**20
+            cluster.scale_up(1)  # 2 - 1 cores left on .5 against 1 - 1 on .6
+            cluster.scale_up(1)  # 1 - 1 against 0: a tie, and .6 has fewer of our jobs
+            placed = [r.info["host"] for r in sorted(cluster.jobs.values(), key=lambda r: r.name)]
+            assert placed == ["127.0.0.5", "127.0.0.6"]
+            cluster.wait_for_workers(2, timeout=60)
+            assert sorted(w["host"] for w in cluster.workers.values()) == sorted(placed)
+        assert processes_of(cluster.name) == []
+    finally:
+        stop_hosts(pair)
+
+
+def test_a_per_host_address_is_bound_and_advertised(hosts: SSHHosts) -> None:
+    """Loopback aliases stand for a VM whose ssh name is not its reachable address."""
+    entry = {"host": hosts.addresses[0], "address": "127.0.0.12"}
+    with make_cluster(hosts, hosts=[entry], scheduler_hosts=[entry]) as cluster:
+        (address,) = cluster.scheduler_addresses
+        assert address.startswith("tcp://127.0.0.12:")
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(1, timeout=60)
+        assert [w["host"] for w in cluster.workers.values()] == ["127.0.0.12"]
+        assert {r.info["host"] for r in cluster.jobs.values()} == {hosts.addresses[0]}
+        with Client(cluster) as client:
+            assert client.submit(pow, 2, 5).result(timeout=60) == 32
+
+
+def test_a_prologue_that_reads_stdin_does_not_eat_the_script(hosts: SSHHosts) -> None:
+    """Scripts reach the host on stdin (`bash -s`); a command reading stdin gets /dev/null."""
+    prologue = [*(f"export {k}={v}" for k, v in HEARTBEAT.items()), "cat > /dev/null"]
+    with make_cluster(hosts, hosts=[hosts.addresses[0]], prologue=prologue) as cluster:
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(1, timeout=60)
+        with Client(cluster) as client:
+            assert client.submit(pow, 2, 3).result(timeout=60) == 8

@@ -52,7 +52,7 @@ CASES: dict[tuple[str, str], list[str]] = {
         *["--queue", "normal", "--account", "proj42", "--job-name", "mpi-full"],
         *["--launcher", "srun", "--launcher-arg=--mpi=pmi2", "--launcher-arg", "--cpu-bind=none"],
         *["--prologue", "module load mpich", "--prologue", "export OMP_NUM_THREADS=1"],
-        "--workers-everywhere",
+        *["--workers-everywhere", "--interface", "ib0"],
     ],
     ("sge", "basic"): [
         *["--nodes", "2", "--tasks-per-node", "4", "--schedulers", "2"],
@@ -225,7 +225,7 @@ def test_config_sections_supply_defaults_and_options_win(tmp_path, monkeypatch):
     ]
     assert "module load mpich" in out.splitlines()
     launch = out.split("status=0\n", 1)[1].splitlines()[0]
-    assert launch == "srun --mpi=pmi2 \\"
+    assert launch == "srun --cpus-per-task=1 --mpi=pmi2 \\"
 
 
 # ============================================================================ bad input
@@ -296,6 +296,46 @@ def test_unknown_mpi_config_key_names_its_file(tmp_path, monkeypatch, queue_comm
     assert not queue_commands.exists()
 
 
+def test_a_refused_submission_is_one_line_and_exit_code_1(tmp_path, monkeypatch):
+    """sbatch failing (bad account, controller down...) ends in its message, not a traceback."""
+    (tmp_path / "work.py").write_text("")
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\n"
+        "exit 1\n"
+    )
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = cli(
+        ["--system", "slurm", "--account", "nope", "work.py"], tmp_path, monkeypatch
+    )
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1, err
+    assert err.startswith("jobqueue-ms submit: error: `sbatch --parsable ")
+    assert "exited with code 1; stderr: sbatch: error: Batch job submission failed" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "rendered"),
+    [
+        ("JOBQUEUE_MS_MPI_INTERFACE", "lo", " --interface lo "),
+        ("JOBQUEUE_MS_MPI_HOST", "10.0.0.5", " --host 10.0.0.5 "),
+    ],
+)
+def test_where_ranks_listen_comes_from_the_mpi_settings(
+    variable, value, rendered, tmp_path, monkeypatch
+):
+    """$JOBQUEUE_MS_MPI_HOST/_INTERFACE are [mpi] settings: rendered, not refused as unknown."""
+    (tmp_path / "work.py").write_text("")
+    monkeypatch.setenv(variable, value)
+    get_config.cache_clear()
+    code, out, err = cli(["--system", "slurm", "--dry-run", "work.py"], tmp_path, monkeypatch)
+    assert (code, err) == (0, "")
+    assert rendered in out
+
+
 def test_build_spec_raises_submit_error(tmp_path):
     (tmp_path / "work.py").write_text("")
     with pytest.raises(SubmitError, match=r"schedulers=0 must be at least 1"):
@@ -305,11 +345,17 @@ def test_build_spec_raises_submit_error(tmp_path):
 # ============================================================================ real queues
 
 
+# The emulated SLURM nodes are all this machine: keep every rank on loopback (the default would
+# pick a routable interface for a world that spans several nodes, see docs/mpi.md). The [mpi]
+# setting renders `--interface lo` into the job script.
+LOOPBACK = {"JOBQUEUE_MS_MPI_INTERFACE": "lo"}
+
+
 def submit_process(
     args: list[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a real ``jobqueue-ms submit`` process (the venv's interpreter) from ``cwd``."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, **LOOPBACK, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "jobqueue_ms", "submit", *args],
         cwd=cwd,
@@ -537,3 +583,36 @@ def test_slurm_cancelled_job_ends_wait_with_exit_code_1(slurm, mpi, job_name, tm
         f"jobqueue-ms submit: job {job_id} CANCELLED without recording the script's exit code "
         f"at {tmp_path / f'{job_name}-{job_id}.exit'}; exit code 1"
     )
+
+
+# ============================================================================ the sbatch example
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "scripts" / "example-sbatch-mpi.sh"
+
+
+def test_sbatch_example_is_valid_bash_and_the_one_in_the_docs():
+    subprocess.run(["bash", "-n", str(EXAMPLE)], check=True)
+    doc = (EXAMPLE.parents[1] / "docs" / "mpi.md").read_text()
+    section = doc[doc.index("## A complete sbatch example") :]
+    start = section.index("```bash\n") + len("```bash\n")
+    assert section[start : section.index("```\n", start)] == EXAMPLE.read_text()
+
+
+@pytest.mark.slow
+def test_sbatch_example_runs_on_slurm(slurm, mpi, job_name, work, tmp_path):
+    """sbatch the example as is; only its size is overridden to fit 2 emulated 2-CPU nodes."""
+    size = ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem-per-cpu=500M"]
+    export = f"--export=ALL,VENV={Path(mpi.python).parents[1]},JOBQUEUE_MS_MPI_INTERFACE=lo"
+    argv = ["sbatch", "--parsable", f"--job-name={job_name}", export, *size]
+    job_id = run([*argv, EXAMPLE, work, "0"], cwd=tmp_path).stdout.strip()
+
+    def gone() -> bool:
+        out = run(["squeue", "--noheader", "--jobs", job_id], check=False)
+        return out.returncode == 0 and not out.stdout.strip()
+
+    wait_until(gone, timeout=90, interval=0.2, message=f"example job {job_id} to end")
+    output = (tmp_path / f"jqms-mpi-{job_id}.out").read_text()
+    got = report_file(tmp_path)
+    assert got["sum"] == sum(x * x for x in range(100)), output
+    assert got["schedulers"] == 2
+    assert got["slurm_nodes"] == "2"

@@ -32,6 +32,12 @@ def main() -> None:
     print(f"SUM {sum(results)}")
     print(f"PIDS {len(pids)}")
     print(f"ARGV {sys.argv[1:]}")
+    print(f"ADDRESSES {' '.join(scheduler_addresses())}")
+    print(f"WORKER_HOSTS {sorted({w['host'] for i in info for w in i['workers']})}")
+    # what --threads-per-worker and --memory-limit gave the workers, as the schedulers see it
+    print(f"NTHREADS {sorted({w['nthreads'] for i in info for w in i['workers']})}")
+    limits = {w["memory_limit_bytes"] for i in info for w in i["workers"]}
+    print(f"MEMORY_LIMITS {sorted(limits, key=str)}")
 
 
 if __name__ == "__main__":

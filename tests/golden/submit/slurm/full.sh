@@ -21,8 +21,8 @@ exit_file="/scratch/logs/mpi-full-${SLURM_JOB_ID}.exit"
 
 # 12 MPI rank(s): 2 scheduler(s), 1 client running the script, the rest workers (every rank also runs a worker).
 status=0
-srun --mpi=pmi2 --cpu-bind=none \
-    /opt/venv/bin/python -m jobqueue_ms.mpi --schedulers 2 --threads-per-worker 2 --memory-limit 7GiB --workers-everywhere \
+srun --cpus-per-task=2 --mpi=pmi2 --cpu-bind=none \
+    /opt/venv/bin/python -m jobqueue_ms.mpi --schedulers 2 --threads-per-worker 2 --memory-limit 7GiB --workers-everywhere --interface ib0 \
     /home/me/project/work.py --steps 10 'a b' || status=$?
 echo "$status" >"$exit_file.tmp" && mv -f "$exit_file.tmp" "$exit_file"
 exit "$status"
