@@ -662,3 +662,32 @@ def test_the_fake_commands_are_the_ones_run(transcript):
         "slurm 99\n"
     )
     transcript.assert_done()
+
+
+@pytest.mark.parametrize(
+    ("flavor", "log_name"),
+    [("torque", "{name}.out-0"), ("pro", "{name}.0.out")],
+)
+def test_a_pbs_array_that_fails_at_start_reports_its_first_task_s_log(
+    flavor, log_name, transcript, tmp_path
+):
+    """Torque appends -<index> to the -o path of each task; PBS Pro fills ^array_index^."""
+    cluster = make_cluster("pbs", tmp_path, pbs_flavor=flavor, job_array=2, cores=1)
+    try:
+        transcript.expect(r"qsub \S+/jqms-\w+-1\.sh", "123[].pbs01\n")
+        cluster.scale(jobs=1)
+        (record,) = cluster.jobs.values()
+        assert record.log_path == str(tmp_path / log_name.format(name=record.name))
+        Path(record.log_path).write_text("module: command not found\n")
+        ended = pbs_block("123[0].pbs01", "C" if flavor == "torque" else "F", 1)
+        ended += pbs_block("123[1].pbs01", "C" if flavor == "torque" else "F", 1)
+        x = "" if flavor == "torque" else " -x"
+        transcript.expect(rf"qstat -f{x} -t 123\[\]\.pbs01", ended)
+        transcript.expect(r"qsub \S+/jqms-\w+-2\.sh", "124[].pbs01\n")  # its replacement
+        cluster.sync()
+        assert record.state == JobState.FAILED
+        assert record.error.endswith("end of its log:\nmodule: command not found")
+        transcript.expect(r"qdel 124\[\]\.pbs01")
+    finally:
+        cluster.close()
+    transcript.assert_done()

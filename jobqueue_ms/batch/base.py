@@ -316,7 +316,8 @@ class BatchCluster(Cluster):
     15. ``stuck_states``: states in which a job stays queued but can never run (cancelled at once);
     16. ``cancel_by_name_cmd``: cancel a job by name, when its submission printed no id;
     17. ``multi_node``: whose template fans workers out over ``nodes > 1`` (SLURM's srun);
-    18. ``default_options()``: site-dependent defaults (LSF reads ``lsf.conf``).
+    18. ``default_options()``: site-dependent defaults (LSF reads ``lsf.conf``);
+    19. ``_log_pattern(spec)``: which of the log names applies (Torque arrays differ).
 
     Parameters
     ----------
@@ -632,9 +633,13 @@ class BatchCluster(Cluster):
 
     def _log_path(self, name: str, job_id: str, spec: JobSpec) -> str:
         """Where the template sends the job's output (the first task's, for an array)."""
-        pattern = self.array_log_name if spec.job_array > 1 else self.log_name
+        pattern = self._log_pattern(spec)
         filename = pattern.format(name=name, job_id=job_id, index=self._first_array_index(spec))
         return str(Path(spec.log_directory or os.getcwd()) / filename)
+
+    def _log_pattern(self, spec: JobSpec) -> str:
+        """``array_log_name`` for an array, else ``log_name`` (quirk: PBS's two flavours)."""
+        return self.array_log_name if spec.job_array > 1 else self.log_name
 
     def _first_array_index(self, spec: JobSpec) -> int:
         """The first array task's index as the system numbers it (quirk)."""

@@ -57,7 +57,10 @@ class PBSCluster(BatchCluster):
     job_id_pattern = r"^(?P<job_id>\d+(?:\[\])?(?:\.[A-Za-z0-9_.-]+)?)\s*$"
     states = PBS_STATES
     log_name = "{name}.out"
-    array_log_name = "{name}.{index}.out"
+    array_log_name = "{name}.{index}.out"  # PBS Pro: -o <name>.^array_index^.out
+    # Torque has no index placeholder in -o: it appends "-<index>" to the path of every subjob
+    # (job_clone() in Torque's src/server/job_func.c), so -o <name>.out gives <name>.out-0.
+    torque_array_log_name = "{name}.out-{index}"
     system_options = ("pbs_flavor",)
     unknown_id_pattern = r"Unknown Job Id"
 
@@ -120,6 +123,12 @@ class PBSCluster(BatchCluster):
 
     def _first_array_index(self, spec: JobSpec) -> int:
         return 0  # -J 0-(n-1) / -t 0-(n-1)
+
+    def _log_pattern(self, spec: JobSpec) -> str:
+        """Torque names an array task's log after the ``-o`` path, with ``-<index>`` appended."""
+        if spec.job_array > 1 and spec.pbs_flavor == "torque":
+            return self.torque_array_log_name
+        return super()._log_pattern(spec)
 
 
 def _number(job_id: str) -> str:
