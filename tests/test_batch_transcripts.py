@@ -334,7 +334,11 @@ STATE_TABLES = {
         ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "r"))], S.RUNNING),
         ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "Rr"))], S.RUNNING),
         ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "s"))], S.PENDING),
-        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dr"))], S.CANCELLED),
+        # being deleted (qdel): not finished while qstat still lists it, its workers may run
+        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dr"))], S.RUNNING),
+        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dt"))], S.RUNNING),
+        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dRr"))], S.RUNNING),
+        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "ds"))], S.PENDING),
         (
             [(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "Eqw")), ("qdel 7", "")],
             S.FAILED,  # an error state never runs: cancelled at once
@@ -688,6 +692,28 @@ def test_a_pbs_array_that_fails_at_start_reports_its_first_task_s_log(
         assert record.state == JobState.FAILED
         assert record.error.endswith("end of its log:\nmodule: command not found")
         transcript.expect(r"qdel 124\[\]\.pbs01")
+    finally:
+        cluster.close()
+    transcript.assert_done()
+
+
+def test_an_sge_job_being_deleted_stays_live_until_it_leaves_qstat(transcript, tmp_path):
+    cluster = make_cluster("sge", tmp_path, pe="smp")
+    try:
+        transcript.expect(r"qsub \S+", 'Your job 7 ("x") has been submitted\n')
+        cluster.scale(jobs=1)
+        (record,) = cluster.jobs.values()
+        transcript.expect(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "r"))
+        cluster.sync()
+        transcript.expect("qdel 7")
+        cluster.scale(0)
+        transcript.expect(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dr"))
+        cluster.sync()
+        assert record.state == JobState.RUNNING and record.ended_at is None  # still going
+        transcript.expect(rf"qstat -u {USER}", SGE_HEADER)
+        transcript.expect("qacct -j 7", qacct("100 : assumedly after job", 137, 3))
+        cluster.sync()
+        assert record.state == JobState.CANCELLED and record.ended_at is not None
     finally:
         cluster.close()
     transcript.assert_done()

@@ -36,16 +36,18 @@ SGE_STATES: dict[str, JobState] = {
     "Eqw": JobState.FAILED,
     "Ehqw": JobState.FAILED,
     "EhRqw": JobState.FAILED,
-    "dr": JobState.CANCELLED,
-    "dt": JobState.CANCELLED,
-    "dRr": JobState.CANCELLED,
-    "dRt": JobState.CANCELLED,
-    "ds": JobState.CANCELLED,
-    "dS": JobState.CANCELLED,
-    "dT": JobState.CANCELLED,
-    "dRs": JobState.CANCELLED,
-    "dRS": JobState.CANCELLED,
-    "dRT": JobState.CANCELLED,
+    # d: qdel was called, but the job is still being deleted and its processes (workers) may
+    # still run; it is not finished until it leaves qstat (qacct then tells how it ended).
+    "dr": JobState.RUNNING,
+    "dt": JobState.RUNNING,
+    "dRr": JobState.RUNNING,
+    "dRt": JobState.RUNNING,
+    "ds": JobState.PENDING,
+    "dS": JobState.PENDING,
+    "dT": JobState.PENDING,
+    "dRs": JobState.PENDING,
+    "dRS": JobState.PENDING,
+    "dRT": JobState.PENDING,
     # Not printed by qstat: how qacct's record of an ended job is reported (see _classify).
     "ended": JobState.COMPLETED,
 }
