@@ -85,7 +85,8 @@ def test_resources_forms():
         ({"job_script_prologue": [1]}, ValueError, "holds 1, which is not a string"),
         ({"resources": {"GPU": "many"}}, ValueError, "resources\\['GPU'\\]='many' is not a number"),
         ({"resources": ["GPU"]}, ValueError, "is not a mapping like"),
-        ({"gpus": -1}, ValueError, "gpus=-1 must be at least 1"),
+        ({"gpus": -1}, ValueError, "gpus=-1 must be 0 or more; use 0 or a positive integer"),
+        ({"gpus": 1.5}, ValueError, "gpus=1.5 is not a whole number; use 0 or a positive"),
         ({"shebang": "bash"}, ValueError, "shebang='bash' is not a '#!' line"),
         ({"log_directory": "a\nb"}, ValueError, "log_directory='a\\\\nb' is not a path"),
         ({"log_directory": "/my logs"}, ValueError, "cannot go in a directive line"),
@@ -141,3 +142,7 @@ def test_errors_show_the_accepted_options():
         spec(colour="red")
     accepted = re.search(r"Accepted options: (.*)", str(info.value)).group(1).split(", ")
     assert {"cores", "memory", "walltime", "job_extra_directives"} <= set(accepted)
+
+
+def test_gpus_may_be_zero():
+    assert spec(gpus=0).gpus == 0 and spec(gpus="0").gpus == 0 and spec(gpus=2).gpus == 2

@@ -287,10 +287,17 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _count(name: str, value: Any) -> int:
-    """An int >= 0."""
-    if value in (0, "0"):
-        return 0
-    return _positive_int(name, value)
+    """An int >= 0 (a bool or a float with a fraction is refused)."""
+    form = "use 0 or a positive integer like 2"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name}={value!r} is not a whole number; {form}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number; {form}") from None
+    if number < 0:
+        raise ValueError(f"{name}={value!r} must be 0 or more; {form}")
+    return number
 
 
 def _memory(name: str, value: Any) -> int:
