@@ -185,3 +185,20 @@ def test_template_file_is_a_full_override(tmp_path):
 def test_a_missing_context_variable_fails():
     with pytest.raises(jinja2.UndefinedError, match="'job' is undefined"):
         render("slurm.sh.j2", {"name": "x"}, filters=FILTERS)
+
+
+def test_a_template_file_in_the_current_directory_is_a_file_not_a_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.sh.j2").write_text("#!/bin/sh\n# {{ name }} {{ job.cores }}\n")
+    script = render_job_script(
+        "slurm", cores=2, memory="2GiB", template="mine.sh.j2", name="j-1", config=Config()
+    )
+    assert script == "#!/bin/sh\n# j-1 2\n"
+    # Only a user's template= is read as a file: a file named like a built-in template in the
+    # current directory does not replace the system's template.
+    (tmp_path / "slurm.sh.j2").write_text("#!/bin/sh\n# not the built-in\n")
+    builtin = render_job_script("slurm", cores=2, memory="2GiB", name="j-1", config=Config())
+    assert builtin.startswith("#!/usr/bin/env bash\n#SBATCH --job-name=j-1\n")
+    # A name that is no file stays a template name, looked up as before.
+    with pytest.raises(jinja2.TemplateNotFound, match="theirs.sh.j2"):
+        render_job_script("slurm", cores=1, memory="1GB", template="theirs.sh.j2", config=Config())

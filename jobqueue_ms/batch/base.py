@@ -256,9 +256,14 @@ class _ClusterSettings:
                     "this machine) or 'job' (schedulers in their own batch job)"
                 )
             kwargs["scheduler_placement"] = placement
-        for name in ("scheduler_host", "shared_directory", "template"):
+        for name in ("scheduler_host", "shared_directory"):
             if options.get(name) is not None:
                 kwargs[name] = str(options[name])
+        if options.get("template") is not None:
+            # A template file is read at each submission: keep its absolute path, so a later
+            # chdir does not lose it.
+            source = render_module.template_source(options["template"])
+            kwargs["template"] = str(source.absolute()) if isinstance(source, Path) else source
         if options.get("scheduler_options") is not None:
             value = options["scheduler_options"]
             if not isinstance(value, Mapping):
@@ -570,9 +575,8 @@ class BatchCluster(Cluster):
             "scheduler_files": list(scheduler_files),
             "cluster_id": cluster_id,
         }
-        return render_module.render(
-            template or cls.template, context, template_dirs=template_dirs, filters=FILTERS
-        )
+        source = cls.template if template is None else render_module.template_source(template)
+        return render_module.render(source, context, template_dirs=template_dirs, filters=FILTERS)
 
     def job_script(self) -> str:
         """Return exactly the script the next job will run (only its name differs per job)."""
