@@ -56,6 +56,9 @@ REPLAY = textwrap.dedent(
         state["calls"].append({"argv": argv, "stdin": stdin})
         with open(path, "w") as f:
             json.dump(state, f)
+    if i < len(state["steps"]) and state["steps"][i].get("hang"):
+        import time
+        time.sleep(state["steps"][i]["hang"])  # a command that does not answer in time
     sys.stdout.write(out)
     sys.stderr.write(err)
     sys.exit(code)
@@ -72,10 +75,17 @@ class Transcript:
     def _load(self) -> dict:
         return json.loads(self.path.read_text())
 
-    def expect(self, argv: str, stdout: str = "", *, exit: int = 0, stderr: str = "") -> None:
-        """Add a step: a call whose space-joined argv fully matches the regex ``argv``."""
+    def expect(
+        self, argv: str, stdout: str = "", *, exit: int = 0, stderr: str = "", hang: float = 0
+    ) -> None:
+        """Add a step: a call whose space-joined argv fully matches the regex ``argv``.
+
+        With ``hang``, the command answers only after that many seconds (a stuck controller).
+        """
         state = self._load()
-        state["steps"].append({"argv": argv, "stdout": stdout, "stderr": stderr, "exit": exit})
+        state["steps"].append(
+            {"argv": argv, "stdout": stdout, "stderr": stderr, "exit": exit, "hang": hang}
+        )
         self.path.write_text(json.dumps(state))
 
     @property
@@ -558,6 +568,31 @@ def test_a_submission_without_an_id_cancels_the_job_by_name(transcript, tmp_path
         transcript.expect(r"scancel --name jqms-\w+-1")
         with pytest.raises(CommandError, match="no job id in the output of sbatch"):
             cluster.scale(jobs=1)
+    finally:
+        cluster.close()
+    transcript.assert_done()
+
+
+@pytest.mark.parametrize(
+    ("system", "submit", "cancel"),
+    [
+        ("slurm", r"sbatch --parsable \S+", r"scancel --name jqms-\w+-1"),
+        ("sge", r"qsub \S+", r"qdel jqms-\w+-1"),
+        ("lsf", r"bsub", r"bkill -J jqms-\w+-1"),
+    ],
+)
+def test_a_submission_that_times_out_cancels_the_job_by_name(
+    system, submit, cancel, transcript, tmp_path
+):
+    """The queue may have taken the job before the submit command hung: never orphan it."""
+    cluster = make_cluster(system, tmp_path, command_timeout=0.5)
+    try:
+        transcript.expect(submit, hang=30)
+        transcript.expect(cancel)
+        with pytest.raises(CommandError, match="did not finish within 0.5 s"):
+            cluster.scale(jobs=1)
+        (record,) = cluster.jobs.values()
+        assert record.state == S.FAILED and not record.job_id
     finally:
         cluster.close()
     transcript.assert_done()

@@ -619,10 +619,15 @@ class BatchCluster(Cluster):
         path.write_text(script, encoding="utf-8")
         record.info.update(system=self.system, script_path=str(path))
         timeout = self.settings.command_timeout_s
-        if self.submit_via_stdin:
-            result = run_command(self.submit_cmd, stdin=script, timeout=timeout)
-        else:
-            result = run_command([*self.submit_cmd, str(path)], timeout=timeout)
+        try:
+            if self.submit_via_stdin:
+                result = run_command(self.submit_cmd, stdin=script, timeout=timeout)
+            else:
+                result = run_command([*self.submit_cmd, str(path)], timeout=timeout)
+        except CommandError as exc:
+            if exc.returncode is None:  # timed out: the queue may have taken the job anyway
+                self._cancel_by_name(record.name)
+            raise
         try:
             job_id = self.parse_job_id(result.stdout)
         except ValueError as exc:
