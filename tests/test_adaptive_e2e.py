@@ -492,3 +492,30 @@ class FailingSchedulers(LocalCluster):
 def test_close_after_a_failed_start_lets_the_original_error_through() -> None:
     with pytest.raises(OSError, match="port 8786 is taken"):
         FailingSchedulers(n_workers=0)
+
+
+class LaggingQueueCluster(LocalCluster):
+    """A queue polled a while ago: a job whose process runs is still reported PENDING."""
+
+    def _poll(self, records: list[JobRecord]) -> dict[str, JobState]:
+        states = super()._poll(records)
+        return {k: JobState.PENDING if v == JobState.RUNNING else v for k, v in states.items()}
+
+
+def test_a_job_whose_workers_registered_runs_and_is_retired_gracefully(tmp_path: Path) -> None:
+    """Not cancelled as a queued job because the last poll still said PENDING."""
+    log = tmp_path / "executions"
+    with LaggingQueueCluster(n_workers=0) as cluster, Client(cluster) as client:
+        cluster.scale(jobs=1)
+        wait_until(lambda: len(cluster.workers) == 1, timeout=30, message=describe(cluster))
+        (job,) = cluster.snapshot().jobs
+        (rec,) = cluster.jobs.values()
+        assert job.state == "RUNNING" and rec.state == JobState.RUNNING
+        assert rec.started_at is not None
+        future = client.submit(record, str(log), 7, 1.5)
+        wait_until(lambda: cluster.snapshot().tasks_running == 1, timeout=30)
+        cluster.scale_down([rec.name])  # what the policy calls to retire the job
+        assert future.result(timeout=30) == (49, b"")
+        wait_until(lambda: rec.state.finished, timeout=30, message=describe(cluster))
+        assert rec.state == JobState.COMPLETED and not rec.cancel_requested
+    assert executions(log) == Counter([7])  # run once, not killed and rerun

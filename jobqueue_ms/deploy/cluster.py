@@ -344,8 +344,8 @@ class Cluster:
         Stops adaptive scaling (see ``scale``); the jobs left are kept.
         """
         self._stop_adaptive("scale_down()")
+        self._scale_down(names)
         with self._lock:
-            self._scale_down(names)
             self._target = len(self._live_jobs())
 
     def _scale_up(self, n: int) -> None:
@@ -363,6 +363,9 @@ class Cluster:
         """Retire these jobs or workers (the adaptive policy's call)."""
         if isinstance(names, str):
             raise TypeError(f"names={names!r} must be a list of job or worker names")
+        # Ask the schedulers first (outside the lock): a job whose workers registered since the
+        # last snapshot is retired gracefully, not cancelled with its work.
+        self._note_workers(self.scheduler_info(max_age=0))
         with self._lock:
             for r in self._records_for(names):
                 self._retire(r)
@@ -455,7 +458,9 @@ class Cluster:
         if r.state.finished or r.retiring_since is not None:
             return
         r.retiring_since = time.monotonic()
-        if r.state == JobState.PENDING or not r.workers_seen:
+        # A job none of whose workers ever registered has no work to lose: cancel it. One whose
+        # workers registered drains first, whatever state the queue last reported.
+        if not r.workers_seen:
             r.cancel_requested = True
             self._cancel([r])
         else:
@@ -543,13 +548,22 @@ class Cluster:
                 if w.get("lifetime_end") is not None:
                     end = float(w["lifetime_end"])
                     lifetime_ends[job] = min(end, lifetime_ends.get(job, end))
+        now = time.time()
         with self._lock:
             for job in seen:
                 r = self.jobs.get(job)
-                if r is not None and not r.workers_seen:
+                if r is None:
+                    continue
+                if not r.workers_seen:
                     r.workers_seen = True
                     self.start_failures = 0  # a job started: earlier failures were not in a row
-                if r is not None and job in lifetime_ends:
+                if r.state == JobState.PENDING:
+                    # Its workers registered, so it runs, whatever the last poll (up to
+                    # poll_interval ago) said: the policy must not take it for an idle queued job.
+                    r.state = JobState.RUNNING
+                    if r.started_at is None:
+                        r.started_at = now
+                if job in lifetime_ends:
                     r.info["lifetime_end"] = lifetime_ends[job]
         return seen, lifetime_ends
 
