@@ -423,6 +423,21 @@ def test_repeated_start_failures_stop_adaptive_with_a_clear_error() -> None:
             cluster.scale(jobs=1)
 
 
+@pytest.mark.parametrize("limit", [2, 5])
+def test_the_adapt_limit_on_start_failures_is_the_one_that_governs(limit: int) -> None:
+    """adapt(max_start_failures=5) stops after 5, not at the cluster's own default of 3."""
+    with BrokenStartCluster(n_workers=0) as cluster, Client(cluster) as client:
+        adaptive = cluster.adapt(maximum=2, max_start_failures=limit, **FAST)
+        work = client.submit(sum, [1, 2])
+        wait_until(lambda: adaptive.error is not None, timeout=60, message=describe(cluster))
+        work.cancel()
+        assert not adaptive.running
+        assert f"{limit} jobs in a row failed before any worker connected" in str(adaptive.error)
+        assert f"max_start_failures={limit}" in str(adaptive.error)
+        assert len(cluster.jobs) == limit
+        assert cluster.error is not None and f"{limit} jobs in a row" in cluster.error
+
+
 def test_repeated_slurm_start_failures_stop_adaptive_with_the_job_log(slurm_cluster) -> None:
     cluster = slurm_cluster(job_script_prologue=["echo 'prologue broke: bad module' >&2", "exit 3"])
     adaptive = cluster.adapt(maximum_jobs=2, **FAST)

@@ -145,6 +145,8 @@ class Cluster:
     poll_interval_s: float = 1.0
     retire_timeout_s: float = 60.0
     max_start_failures: int = 3
+    # While adapting: the Adaptive's max_start_failures, which then governs (see adapt()).
+    _adapt_failure_limit: int | None = None
 
     def __init__(
         self,
@@ -375,6 +377,8 @@ class Cluster:
 
         Replaces a running ``Adaptive`` and forgets earlier failed starts (call it again once a
         job script is fixed). A manual ``scale()``, ``scale_up()`` or ``scale_down()`` stops it.
+        While it adapts, its ``max_start_failures`` is the cluster's limit too, so the cluster
+        stops submitting exactly when adaptive scaling stops with an ``AdaptiveError``.
         """
         from ..adaptive import Adaptive
 
@@ -382,14 +386,26 @@ class Cluster:
         with self._lock:
             if self._closed:
                 raise ClusterError(f"{self.name} is closed; make a new cluster to adapt")
+        autostart = kwargs.pop("autostart", True)
+        adaptive = Adaptive(_AdaptiveSeam(self), autostart=False, **kwargs)
+        with self._lock:
             self._target = None  # the policy decides now, replacements included
             self.start_failures = 0
             self.error = None
-        self._adaptive = Adaptive(_AdaptiveSeam(self), **kwargs)
-        return self._adaptive
+            self._adapt_failure_limit = adaptive.max_start_failures
+        self._adaptive = adaptive
+        if autostart:
+            adaptive.start()
+        return adaptive
+
+    @property
+    def _failure_limit(self) -> int:
+        """Failed starts in a row after which the cluster stops submitting (one limit)."""
+        return self._adapt_failure_limit or self.max_start_failures
 
     def _stop_adaptive(self, why: str | None) -> None:
         adaptive, self._adaptive = self._adaptive, None
+        self._adapt_failure_limit = None
         if adaptive is not None and adaptive.running:
             if why:
                 log.info("%s: %s stops adaptive scaling; call adapt() to resume", self.name, why)
@@ -420,7 +436,7 @@ class Cluster:
         live = self._live_jobs()
         missing = self._target - len(live)
         if missing > 0:
-            if self.start_failures >= self.max_start_failures:
+            if self.start_failures >= self._failure_limit:
                 return
             for _ in range(missing):
                 self._submit_one()
@@ -476,7 +492,7 @@ class Cluster:
             raise ClusterError(self.error)
 
     def _check_failures(self, record: JobRecord) -> None:
-        if self.start_failures >= self.max_start_failures and not self.error:
+        if self.start_failures >= self._failure_limit and not self.error:
             self.error = (
                 f"{self.start_failures} jobs in a row failed before any worker connected; "
                 f"not submitting more. Last job {record.name} ({record.job_id or 'not submitted'})"
@@ -556,7 +572,8 @@ class Cluster:
                     continue
                 if not r.workers_seen:
                     r.workers_seen = True
-                    self.start_failures = 0  # a job started: earlier failures were not in a row
+                    if not self.error:  # once stopped, the count that stopped it stays
+                        self.start_failures = 0  # a job started: the failures were not in a row
                 if r.state == JobState.PENDING:
                     # Its workers registered, so it runs, whatever the last poll (up to
                     # poll_interval ago) said: the policy must not take it for an idle queued job.
