@@ -534,3 +534,41 @@ def test_a_job_whose_workers_registered_runs_and_is_retired_gracefully(tmp_path:
         wait_until(lambda: rec.state.finished, timeout=30, message=describe(cluster))
         assert rec.state == JobState.COMPLETED and not rec.cancel_requested
     assert executions(log) == Counter([7])  # run once, not killed and rerun
+
+
+def test_retiring_one_worker_keeps_its_job_and_the_last_one_ends_it(
+    lsf_standin, tmp_path: Path
+) -> None:
+    """On the LSF stand-in (it runs the jobs as local processes), with two workers per job."""
+    from jobqueue_ms.batch.lsf import LSFCluster
+
+    cluster = LSFCluster(
+        cores=2,
+        processes=2,
+        memory="1GiB",
+        walltime="00:10",
+        python=sys.executable,
+        log_directory=str(tmp_path),
+        poll_interval=0.5,
+        config=Config(),
+    )
+    try:
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(2, timeout=60)
+        (job,) = cluster.jobs.values()
+        cluster.scale_down([f"{job.name}-1"])  # one worker: the job goes on with the other
+        wait_until(
+            lambda: sorted(cluster.workers) == [f"{job.name}-0"],
+            timeout=30,
+            message=describe(cluster),
+        )
+        assert job.state == JobState.RUNNING and job.retiring_since is None
+        with Client(cluster) as client:
+            assert client.submit(pow, 3, 2).result(timeout=30) == 9  # served by the one left
+        assert len(cluster.jobs) == 1  # nothing replaced it, nothing else was submitted
+        cluster.scale_down([f"{job.name}-0"])  # the last worker: the job ends, normally
+        wait_until(lambda: job.state.finished, timeout=30, message=describe(cluster))
+        assert job.state == JobState.COMPLETED and not job.cancel_requested
+        assert not cluster.workers
+    finally:
+        cluster.close()

@@ -343,6 +343,8 @@ class Cluster:
     def scale_down(self, names: Sequence[str]) -> None:
         """Retire these workers or jobs gracefully (their work finishes or moves first).
 
+        A job name (or native id) retires the whole job; a worker name retires only that worker,
+        and its job goes on with its other workers (it ends, normally, once the last one left).
         Stops adaptive scaling (see ``scale``); the jobs left are kept.
         """
         self._stop_adaptive("scale_down()")
@@ -369,8 +371,11 @@ class Cluster:
         # last snapshot is retired gracefully, not cancelled with its work.
         self._note_workers(self.scheduler_info(max_age=0))
         with self._lock:
-            for r in self._records_for(names):
-                self._retire(r)
+            for r, workers in self._records_for(names):
+                if workers is None:
+                    self._retire(r)
+                else:
+                    self._retire_workers(r, workers)
 
     def adapt(self, **kwargs: Any) -> Any:
         """Scale automatically; see ``jobqueue_ms.adaptive.Adaptive`` for the options.
@@ -418,15 +423,24 @@ class Cluster:
             if not r.state.finished and r.retiring_since is None and not r.cancel_requested
         ]
 
-    def _records_for(self, names: Sequence[str]) -> list[JobRecord]:
-        out = []
+    def _records_for(self, names: Sequence[str]) -> list[tuple[JobRecord, list[str] | None]]:
+        """Return the jobs these names retire, each whole or by some of its workers.
+
+        ``(record, None)`` for a job named by its name or native id, ``(record, [worker, ...])``
+        for single workers of a job; a job named whole is not also retired worker by worker.
+        """
+        whole: dict[str, JobRecord] = {}
+        single: dict[str, tuple[JobRecord, list[str]]] = {}
         by_worker = {w: r for r in self.jobs.values() for w in r.worker_names}
         for n in names:
-            r = self.jobs.get(n) or by_worker.get(n)
-            if r is None:
-                r = next((x for x in self.jobs.values() if x.job_id == n), None)
-            if r is not None and r not in out:
-                out.append(r)
+            r = self.jobs.get(n) or next((x for x in self.jobs.values() if x.job_id == n), None)
+            if r is not None:
+                whole[r.name] = r
+            elif n in by_worker:
+                r = by_worker[n]
+                single.setdefault(r.name, (r, []))[1].append(n)
+        out: list[tuple[JobRecord, list[str] | None]] = [(r, None) for r in whole.values()]
+        out += [(r, workers) for name, (r, workers) in single.items() if name not in whole]
         return out
 
     def _reconcile(self) -> None:
@@ -486,6 +500,26 @@ class Cluster:
                 log.warning("could not retire %s gracefully (%s); cancelling it", r.name, exc)
                 r.cancel_requested = True
                 self._cancel([r])
+
+    def _retire_workers(self, r: JobRecord, workers: list[str]) -> None:
+        """Retire single workers of a running job; its last worker retires the whole job."""
+        if r.state.finished or r.retiring_since is not None:
+            return
+        retired = set(r.info.get("retired_workers", ())) | set(workers)
+        if retired >= set(r.worker_names):
+            self._retire(r)  # nothing of the job would be left working
+            return
+        if not r.workers_seen:
+            # A job in the queue cannot give back part of itself: it is kept whole (a policy
+            # removes queued jobs by their job name).
+            log.warning("%s: workers %s have not started; keeping their job", self.name, workers)
+            return
+        try:
+            self._admin.retire_workers(list(workers))
+        except Exception as exc:  # noqa: BLE001 - the job keeps running; retry on a later call
+            log.warning("could not retire workers %s of %s: %s", workers, r.name, exc)
+            return
+        r.info["retired_workers"] = sorted(retired)
 
     def _raise_if_failed(self) -> None:
         if self.error:
