@@ -330,6 +330,21 @@ def test_slurm_walltime_drains_and_is_replaced_ahead(slurm_cluster, tmp_path: Pa
     assert adaptive.error is None
 
 
+def test_slurm_jobs_started_together_drain_at_staggered_times(slurm_cluster) -> None:
+    # Workers live 27 s (a 30 s walltime less a tenth); job k drains frac(k * 0.618) of the
+    # 10 s stagger earlier: about 6.2 s and 2.4 s before, for the first two jobs.
+    cluster = slurm_cluster(walltime="00:00:30", lifetime_stagger="10s")
+    cluster.scale(jobs=2)
+    cluster.wait_for_workers(2, timeout=60)
+    first = sorted(cluster.jobs.values(), key=lambda r: r.name)
+    ends = {j.name: j.walltime_end for j in cluster.snapshot().jobs}
+    assert abs(ends[first[0].name] - ends[first[1].name]) > 2.5
+    wait_until(lambda: all(r.state.finished for r in first), timeout=90, message=describe(cluster))
+    assert [r.state for r in first] == [JobState.TIMEOUT, JobState.TIMEOUT]  # normal expiry
+    assert all(r.error is None for r in first)
+    assert abs(first[0].ended_at - first[1].ended_at) > 2.0  # they left at different times
+
+
 # --------------------------------------------------------------------------------- 5: churn
 
 

@@ -10,6 +10,7 @@ stand-in are exercised in test_batch_real.py.
 from __future__ import annotations
 
 import getpass
+import itertools
 import json
 import os
 import re
@@ -752,3 +753,31 @@ def test_an_sge_job_being_deleted_stays_live_until_it_leaves_qstat(transcript, t
     finally:
         cluster.close()
     transcript.assert_done()
+
+
+@pytest.mark.parametrize(("stagger", "stagger_s"), [(None, 300.0), ("10m", 600.0), (2, 120.0)])
+def test_jobs_started_together_drain_at_staggered_times(stagger, stagger_s, transcript, tmp_path):
+    """Each job's drain comes up to lifetime_stagger before its workers' lifetime ends."""
+    options = {} if stagger is None else {"lifetime_stagger": stagger}
+    cluster = make_cluster("slurm", tmp_path, walltime="02:00:00", **options)
+    try:
+        for job_id in (42, 43, 44):
+            transcript.expect(r"sbatch --parsable \S+", f"{job_id}\n")
+        cluster.scale(jobs=3)
+        transcript.expect(SQUEUE.format("42,43,44"), "42 RUNNING\n43 RUNNING\n44 RUNNING\n")
+        cluster.sync()
+        records = sorted(cluster.jobs.values(), key=lambda r: r.name)
+        lifetime = 7200 - 300  # the workers retire 5 minutes before the walltime
+        ends = {j.name: j.walltime_end for j in cluster.snapshot().jobs}
+        offsets = [r.started_at + lifetime - ends[r.name] for r in records]
+        assert all(0 <= offset < stagger_s for offset in offsets), offsets
+        assert min(abs(a - b) for a, b in itertools.combinations(offsets, 2)) > stagger_s / 10
+        transcript.expect("scancel 42 43 44")
+    finally:
+        cluster.close()
+    transcript.assert_done()
+
+
+def test_lifetime_stagger_must_be_shorter_than_the_lifetime(tmp_path):
+    with pytest.raises(ValueError, match="lifetime_stagger='2h' must be shorter than the work"):
+        make_cluster("slurm", tmp_path, walltime="01:00:00", lifetime_stagger="2h")

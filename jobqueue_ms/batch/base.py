@@ -220,6 +220,7 @@ CLUSTER_OPTIONS = (
     "poll_interval",
     "command_timeout",
     "lost_after",
+    "lifetime_stagger",
 )
 
 
@@ -238,6 +239,7 @@ class _ClusterSettings:
     poll_interval_s: float = 5.0
     command_timeout_s: float = 60.0
     lost_after_s: float = 60.0
+    lifetime_stagger_s: float | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> _ClusterSettings:
@@ -280,6 +282,11 @@ class _ClusterSettings:
         for name in ("scheduler_timeout", "poll_interval", "command_timeout", "lost_after"):
             if options.get(name) is not None:
                 kwargs[f"{name}_s"] = _seconds(name, options[name])
+        if options.get("lifetime_stagger") is not None:
+            # Read like the walltime it staggers (a bare number is minutes), as Cluster does.
+            kwargs["lifetime_stagger_s"] = parse_duration(
+                options["lifetime_stagger"], parameter="lifetime_stagger"
+            )
         return cls(**kwargs)
 
 
@@ -357,6 +364,10 @@ class BatchCluster(Cluster):
     lost_after
         Seconds a job may be missing from the queue, with no record of how it ended, before it
         counts as FAILED (default 60).
+    lifetime_stagger
+        Drain jobs up to this much before their workers' lifetime ends, spread out so that jobs
+        started together do not all leave at once ("10m", a bare number is minutes; default: a
+        tenth of the lifetime, at most 5 minutes). Only with a ``walltime``.
     config
         Settings to use instead of the config files and environment (for tests).
 
@@ -432,6 +443,7 @@ class BatchCluster(Cluster):
         poll_interval: Any = None,
         command_timeout: Any = None,
         lost_after: Any = None,
+        lifetime_stagger: Any = None,
         config: Config | None = None,
         **job_options: Any,
     ) -> None:
@@ -448,6 +460,7 @@ class BatchCluster(Cluster):
             poll_interval=poll_interval,
             command_timeout=command_timeout,
             lost_after=lost_after,
+            lifetime_stagger=lifetime_stagger,
         )
         settings, options = self._merge_options(given, config)
         # Everything is validated, and the template rendered once, before anything starts.
@@ -455,6 +468,14 @@ class BatchCluster(Cluster):
         self.job_options = options
         self.spec = self._spec_from(options)
         self.scheduler_spec = self._make_scheduler_spec()
+        stagger = self.settings.lifetime_stagger_s
+        lifetime = self.spec.worker_lifetime_s
+        if stagger is not None and lifetime and stagger >= lifetime:
+            raise ValueError(
+                f"lifetime_stagger={lifetime_stagger!r} must be shorter than the workers' "
+                f"lifetime ({lifetime} s, the walltime less a margin), e.g. "
+                f"lifetime_stagger='{max(1, lifetime // 10)}s'"
+            )
         self._check_template()
         if self.spec.log_directory:  # the queues write there but do not create it
             Path(self.spec.log_directory).expanduser().mkdir(parents=True, exist_ok=True)
@@ -469,6 +490,7 @@ class BatchCluster(Cluster):
             scheduler_host=self.settings.scheduler_host or _default_scheduler_host(),
             memory_limit=self.spec.worker_memory_bytes,
             lifetime=(f"{self.spec.worker_lifetime_s}s" if self.spec.worker_lifetime_s else None),
+            lifetime_stagger=f"{stagger}s" if stagger is not None and lifetime else None,
             poll_interval=f"{self.settings.poll_interval_s}s",
             # python= is the compute nodes' interpreter, in the job script; local schedulers
             # run with this one.
