@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pkgutil
 import re
 import shlex
 import socket
@@ -25,7 +26,7 @@ from ..config import Config, get_config
 from ..deploy import render as render_module
 from ..deploy.cluster import Cluster, ClusterError, JobRecord, JobState
 from ..units import parse_duration
-from .spec import JobSpec
+from .spec import JobSpec, SystemOption, declare_system_options
 from .units import FILTERS
 
 log = logging.getLogger("jobqueue_ms.batch")
@@ -317,7 +318,8 @@ class BatchCluster(Cluster):
 
     It **may** override, each a small named quirk:
 
-    8. ``system_options``: the system-specific options it accepts (``pe``, ``pbs_flavor``...);
+    8. ``system_options``: its own job options, ``{name: SystemOption(default, parse)}``
+       (``pe``, ``pbs_flavor``...); templates read them as ``job.<name>``;
     9. ``submit_via_stdin``: give the script on stdin instead of as a file (LSF);
     10. ``_status_argv(ids)``: how ids are passed to the status command;
     11. ``_parse_status(stdout)``: status output -> ``{job id: [Observation, ...]}``;
@@ -391,7 +393,7 @@ class BatchCluster(Cluster):
     log_name: ClassVar[str]
     array_log_name: ClassVar[str]
     # Quirks with defaults.
-    system_options: ClassVar[tuple[str, ...]] = ()
+    system_options: ClassVar[Mapping[str, SystemOption]] = {}
     submit_via_stdin: ClassVar[bool] = False
     unknown_id_pattern: ClassVar[str | None] = None
     stuck_states: ClassVar[frozenset[str]] = frozenset()
@@ -423,9 +425,13 @@ class BatchCluster(Cluster):
         bad = {k: v for k, v in cls.states.items() if not isinstance(v, JobState)}
         if bad:
             raise TypeError(f"{cls.__name__}.states maps {bad} to something not a JobState")
-        unknown = set(cls.system_options) - set(JobSpec.SYSTEM_OPTIONS)
-        if unknown:
-            raise TypeError(f"{cls.__name__}.system_options has unknown {sorted(unknown)}")
+        for name, option in cls.system_options.items():
+            if not isinstance(option, SystemOption):
+                raise TypeError(f"{cls.__name__}.system_options[{name!r}] is not a SystemOption")
+            taken = set(JobSpec.COMMON_OPTIONS) | set(CLUSTER_OPTIONS) | set(vars(JobSpec))
+            if name in taken:
+                raise TypeError(f"{cls.__name__}.system_options[{name!r}] is a common option")
+        declare_system_options(cls.system_options)
         if "system" in vars(cls):  # a site's subclass of SLURMCluster does not replace it
             _SYSTEMS[cls.system] = cls
 
@@ -877,16 +883,35 @@ class BatchCluster(Cluster):
     @classmethod
     def for_system(cls, system: str) -> type[BatchCluster]:
         """The cluster class of a batch system by name (``"slurm"``, ``"sge"``, ...)."""
-        if system not in _SYSTEMS:
-            try:
-                importlib.import_module(f"jobqueue_ms.batch.{system}")
-            except ModuleNotFoundError:
-                pass
-        if system not in _SYSTEMS:
+        systems = batch_systems()
+        if system not in systems:
             raise ValueError(
-                f"system={system!r} is not a batch system; use one of slurm, sge, pbs, lsf"
+                f"system={system!r} is not a batch system; use one of {', '.join(systems)}"
             )
-        return _SYSTEMS[system]
+        return systems[system]
+
+
+def batch_systems() -> dict[str, type[BatchCluster]]:
+    """Every batch system by name, from the registry of BatchCluster subclasses.
+
+    A subclass that declares ``system`` registers itself when its class is created. The first
+    call imports every module of this package (``jobqueue_ms/batch/*.py``), so a new system is
+    one module with its class, plus its template: no list of systems to extend anywhere.
+
+    >>> sorted(batch_systems())
+    ['lsf', 'pbs', 'sge', 'slurm']
+    """
+    global _DISCOVERED
+    if not _DISCOVERED:
+        package = importlib.import_module(__package__ or "jobqueue_ms.batch")
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{package.__name__}.{module.name}")
+        _DISCOVERED = True
+    return dict(sorted(_SYSTEMS.items()))
+
+
+_DISCOVERED = False
 
 
 def render_job_script(

@@ -6,8 +6,8 @@ from typing import Any
 
 from ..deploy.cluster import JobState
 from .base import BatchCluster, Observation
-from .spec import JobSpec
-from .units import read_lsf_unit
+from .spec import JobSpec, SystemOption, one_of
+from .units import LSF_UNITS, read_lsf_unit
 
 # bjobs(1), "JOB STATUS". Suspended jobs (PSUSP, USUSP, SSUSP) do no work, so they count as
 # pending. EXIT is refined by the exit reason (see _classify).
@@ -59,7 +59,8 @@ class LSFCluster(BatchCluster):
     states = LSF_STATES
     log_name = "{name}-{job_id}.out"
     array_log_name = "{name}-{job_id}.{index}.out"
-    system_options = ("lsf_units",)
+    # LSF_UNIT_FOR_LIMITS, the unit of -M (default: from lsf.conf, see default_options).
+    system_options = {"lsf_units": SystemOption("KB", one_of(*LSF_UNITS, upper=True))}
     # bjobs exits 255 with "Job <123> is not found" for an unknown id, after the known ones.
     unknown_id_pattern = r"Job <\d+(\[\d+\])?> is not found"
 

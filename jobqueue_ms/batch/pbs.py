@@ -6,7 +6,7 @@ import re
 
 from ..deploy.cluster import JobState
 from .base import BatchCluster, CommandError, Observation, ended_state
-from .spec import JobSpec
+from .spec import JobSpec, SystemOption, one_of
 
 # qstat(1B) (PBS Pro) and qstat(1) (Torque), "job_state". An array job is B (begun) while any
 # subjob runs; X is an ended subjob, F an ended job (PBS Pro, with -x), C an ended job (Torque).
@@ -61,7 +61,7 @@ class PBSCluster(BatchCluster):
     # Torque has no index placeholder in -o: it appends "-<index>" to the path of every subjob
     # (job_clone() in Torque's src/server/job_func.c), so -o <name>.out gives <name>.out-0.
     torque_array_log_name = "{name}.out-{index}"
-    system_options = ("pbs_flavor",)
+    system_options = {"pbs_flavor": SystemOption("pro", one_of("pro", "torque"))}
     unknown_id_pattern = r"Unknown Job Id"
 
     def _status_argv(self, ids: list[str]) -> list[str]:

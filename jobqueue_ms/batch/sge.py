@@ -7,7 +7,7 @@ import re
 
 from ..deploy.cluster import JobState
 from .base import BatchCluster, CommandError, Observation, ended_state, run_command
-from .spec import JobSpec
+from .spec import JobSpec, SystemOption, names, word
 
 # qstat(1), "state": letters combine (h hold, q queued, w waiting, r running, t transferring,
 # R restarted, s/S/T suspended, E error, d deletion). Suspended jobs do no work, so they count
@@ -85,7 +85,13 @@ class SGECluster(BatchCluster):
     states = SGE_STATES
     log_name = "{name}-{job_id}.out"
     array_log_name = "{name}-{job_id}.{index}.out"
-    system_options = ("pe", "memory_resources")
+    system_options = {
+        # The parallel environment whose slots are the cores (its allocation_rule must keep
+        # them on one host, like $pe_slots).
+        "pe": SystemOption("smp", word),
+        # Complexes the memory per slot is asked through (h_vmem limits, mem_free schedules).
+        "memory_resources": SystemOption(("h_vmem", "mem_free"), names),
+    }
     stuck_states = frozenset({"Eqw", "Ehqw", "EhRqw"})
 
     def _status_argv(self, ids: list[str]) -> list[str]:
