@@ -273,3 +273,35 @@ def test_schedulers_in_their_own_slurm_job(slurm, tmp_path):
         cluster.close()
     ids = {scheduler_job_id} | {r.job_id for r in cluster.jobs.values()}
     wait_until(lambda: not ids & queued_ids("slurm"), timeout=60)
+
+
+def test_interface_applies_to_local_schedulers_and_workers(lsf_standin, tmp_path):
+    """interface='lo': schedulers here and workers in the job (LSF stand-in) use 127.0.0.1."""
+    from jobqueue_ms.batch.lsf import LSFCluster
+
+    cluster = LSFCluster(
+        cores=2,
+        processes=2,
+        memory="1GiB",
+        walltime="00:10",
+        interface="lo",
+        python=sys.executable,
+        log_directory=str(tmp_path),
+        poll_interval=0.5,
+        n_schedulers=2,
+        config=Config(),
+    )
+    try:
+        assert all(a.startswith("tcp://127.0.0.1:") for a in cluster.scheduler_addresses)
+        assert "--interface lo\n" in cluster.job_script()
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(2, timeout=60)
+        with Client(cluster) as client:
+            assert client.submit(pow, 2, 10).result(timeout=30) == 1024
+        for info in cluster.scheduler_info(max_age=0):
+            assert info["address"].startswith("tcp://127.0.0.1:")
+            assert len(info["workers"]) == 2
+            for worker in info["workers"]:
+                assert worker["data_address"].startswith("tcp://127.0.0.1:"), worker
+    finally:
+        cluster.close()

@@ -118,6 +118,12 @@ def test_a_bad_option_fails_the_cluster_before_any_scheduler_or_job_starts(monke
         SLURMCluster(cores=1, memory="1GB", scheduler_placement="remote", config=EMPTY)
     with pytest.raises(ValueError, match="n_schedulers=0 must be a positive integer"):
         SLURMCluster(cores=1, memory="1GB", n_schedulers=0, config=EMPTY)
+    with pytest.raises(
+        ValueError,
+        match=r"interface='nosuch0' is not a network interface of this machine, where the "
+        r"schedulers run \(scheduler_placement='local'\); known interfaces: .*\blo\b",
+    ):
+        SLURMCluster(cores=1, memory="1GB", interface="nosuch0", config=EMPTY)
 
 
 def test_every_system_option_belongs_to_one_system():

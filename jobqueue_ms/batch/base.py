@@ -345,7 +345,8 @@ class BatchCluster(Cluster):
         run in their own batch job, write scheduler files to ``shared_directory`` and the
         cluster reads their addresses from there.
     scheduler_host
-        Address the local schedulers listen on (default: this host's name).
+        Address the local schedulers listen on (default: the IPv4 address of ``interface`` on
+        this machine when one is given, else this host's name).
     scheduler_options
         Job options for the scheduler job (``scheduler_placement="job"``), e.g.
         ``{"walltime": "24:00:00", "memory": "4GiB"}``.
@@ -493,7 +494,7 @@ class BatchCluster(Cluster):
         super().__init__(
             n_schedulers=self.settings.n_schedulers,
             name=self.spec.job_name,
-            scheduler_host=self.settings.scheduler_host or _default_scheduler_host(),
+            scheduler_host=self._scheduler_host(),
             memory_limit=self.spec.worker_memory_bytes,
             lifetime=(f"{self.spec.worker_lifetime_s}s" if self.spec.worker_lifetime_s else None),
             lifetime_stagger=f"{stagger}s" if stagger is not None and lifetime else None,
@@ -502,6 +503,19 @@ class BatchCluster(Cluster):
             # run with this one.
         )
         self._start()
+
+    def _scheduler_host(self) -> str:
+        """Where local schedulers listen: scheduler_host, else interface's address, else hostname.
+
+        With ``interface=`` the workers bind to that interface of their node; local schedulers
+        (``scheduler_placement="local"``) listen on its IPv4 address on this machine, so that
+        the whole cluster talks over it (``ib0``). A scheduler job reads ``--interface`` itself.
+        """
+        if self.settings.scheduler_host:
+            return self.settings.scheduler_host
+        if self.spec.interface and self.settings.scheduler_placement == "local":
+            return interface_address(self.spec.interface)
+        return _default_scheduler_host()
 
     # ------------------------------------------------------------------ options
     @classmethod
@@ -960,6 +974,33 @@ def render_job_script(
         else [],
         template=settings.get("template"),
         template_dirs=tuple(settings.get("template_dirs") or ()),
+    )
+
+
+def interface_address(interface: str) -> str:
+    """The IPv4 address of a network interface of this machine (``"lo"`` -> ``"127.0.0.1"``).
+
+    Raises
+    ------
+    ValueError
+        No such interface (the message lists the known ones), or it has no IPv4 address.
+    """
+    import psutil
+
+    interfaces = psutil.net_if_addrs()
+    if interface not in interfaces:
+        raise ValueError(
+            f"interface={interface!r} is not a network interface of this machine, where the "
+            f"schedulers run (scheduler_placement='local'); known interfaces: "
+            f"{', '.join(sorted(interfaces))}. Give one of them, or scheduler_host=... to "
+            "choose the schedulers' address yourself"
+        )
+    for address in interfaces[interface]:
+        if address.family == socket.AF_INET:
+            return str(address.address)
+    raise ValueError(
+        f"interface={interface!r} has no IPv4 address on this machine, where the schedulers "
+        "run; give scheduler_host=... or another interface"
     )
 
 
