@@ -90,7 +90,13 @@ def test_resources_forms():
         ({"shebang": "bash"}, ValueError, "shebang='bash' is not a '#!' line"),
         ({"log_directory": "a\nb"}, ValueError, "log_directory='a\\\\nb' is not a path"),
         ({"log_directory": "/my logs"}, ValueError, "cannot go in a directive line"),
-        ({"nodes": 2, "_system": "sge"}, ValueError, "nodes=2: SGECluster starts the workers"),
+        (
+            {"nodes": 2, "_system": "sge"},
+            ValueError,
+            r"nodes=2: SGECluster starts the workers of a job on one node \(Grid Engine has no "
+            r"portable way .*\); ask for one-node jobs instead, e\.g\. nodes=1 with "
+            r"scale\(jobs=2\) or job_array=2 \(LSFCluster, PBSCluster, SLURMCluster start",
+        ),
         ({"pe": "", "_system": "sge"}, ValueError, "pe='' is not a single word"),
         ({"pbs_flavor": "slurm", "_system": "pbs"}, ValueError, "pbs_flavor='slurm' is not one of"),
         ({"lsf_units": "XB", "_system": "lsf"}, ValueError, "lsf_units='XB' is not one of"),

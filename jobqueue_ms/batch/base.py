@@ -329,7 +329,9 @@ class BatchCluster(Cluster):
     14. ``_classify(observation)``: native state (and exit code) -> JobState;
     15. ``stuck_states``: states in which a job stays queued but can never run (cancelled at once);
     16. ``cancel_by_name_cmd``: cancel a job by name, when its submission printed no id;
-    17. ``multi_node``: whose template fans workers out over ``nodes > 1`` (SLURM's srun);
+    17. ``multi_node``: whether its template starts workers on every node of a ``nodes > 1``
+        job (SLURM's srun, PBS's pbsdsh, LSF's blaunch); ``multi_node_hint``: what to do
+        instead where it does not (SGE);
     18. ``default_options()``: site-dependent defaults (LSF reads ``lsf.conf``);
     19. ``_log_pattern(spec)``: which of the log names applies (Torque arrays differ).
 
@@ -400,6 +402,7 @@ class BatchCluster(Cluster):
     stuck_states: ClassVar[frozenset[str]] = frozenset()
     cancel_by_name_cmd: ClassVar[tuple[str, ...] | None] = None
     multi_node: ClassVar[bool] = False
+    multi_node_hint: ClassVar[str] = ""
     max_ids_per_command: ClassVar[int] = 200
 
     _job_id_re: ClassVar[re.Pattern[str]]
@@ -561,10 +564,12 @@ class BatchCluster(Cluster):
         owner = owner or cls.__name__
         spec = JobSpec.from_options(owner, options, system_options=cls.system_options)
         if spec.nodes > 1 and not cls.multi_node:
+            others = [c.__name__ for c in batch_systems().values() if c.multi_node]
             raise ValueError(
-                f"nodes={spec.nodes}: {cls.__name__} starts the workers of a job on one node; "
-                f"ask for more jobs instead, e.g. scale(jobs={spec.nodes}) or "
-                f"job_array={spec.nodes} (SLURMCluster fans out over nodes with srun)"
+                f"nodes={spec.nodes}: {cls.__name__} starts the workers of a job on one node"
+                f"{' (' + cls.multi_node_hint + ')' if cls.multi_node_hint else ''}; ask for "
+                f"one-node jobs instead, e.g. nodes=1 with scale(jobs={spec.nodes}) or "
+                f"job_array={spec.nodes} ({', '.join(others)} start workers on every node)"
             )
         return spec
 

@@ -36,8 +36,10 @@ _UNKNOWN_JOB_EXIT = 153
 class PBSCluster(BatchCluster):
     """Workers in PBS jobs: qsub / qstat / qdel, for PBS Pro / OpenPBS or Torque.
 
-    ``pbs_flavor="pro"`` (default) asks ``-l select=1:ncpus=C:mem=M`` and numbers arrays with
-    ``-J``; ``pbs_flavor="torque"`` asks ``-l nodes=1:ppn=C,mem=M`` and uses ``-t``.
+    ``pbs_flavor="pro"`` (default) asks ``-l select=N:ncpus=C:mem=M`` (one chunk per node,
+    ``place=scatter``) and numbers arrays with ``-J``; ``pbs_flavor="torque"`` asks
+    ``-l nodes=N:ppn=C,mem=N*M`` and uses ``-t``. With ``nodes=N > 1`` the job starts
+    ``processes`` workers on each node through ``pbsdsh``.
 
     Examples
     --------
@@ -62,6 +64,7 @@ class PBSCluster(BatchCluster):
     # (job_clone() in Torque's src/server/job_func.c), so -o <name>.out gives <name>.out-0.
     torque_array_log_name = "{name}.out-{index}"
     system_options = {"pbs_flavor": SystemOption("pro", one_of("pro", "torque"))}
+    multi_node = True  # pbs.sh.j2 starts the workers of every node with pbsdsh
     unknown_id_pattern = r"Unknown Job Id"
 
     def _status_argv(self, ids: list[str]) -> list[str]:

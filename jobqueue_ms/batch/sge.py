@@ -61,7 +61,8 @@ _FAILED_AFTER_JOB = 100
 class SGECluster(BatchCluster):
     """Workers in Grid Engine jobs: qsub / qstat / qdel.
 
-    ``cores`` are slots of the parallel environment ``pe`` (default ``smp``) on one host, and
+    ``cores`` are slots of the parallel environment ``pe`` (default ``smp``) on one host (a job is
+    one host: ``nodes > 1`` is refused, ask for more jobs instead), and
     ``memory`` is asked per slot through ``memory_resources`` (default ``h_vmem`` and
     ``mem_free``), as Grid Engine multiplies it by the slots.
 
@@ -93,6 +94,11 @@ class SGECluster(BatchCluster):
         "memory_resources": SystemOption(("h_vmem", "mem_free"), names),
     }
     stuck_states = frozenset({"Eqw", "Ehqw", "EhRqw"})
+    # Starting a worker on the other hosts of a parallel job needs qrsh -inherit and a parallel
+    # environment with control_slaves TRUE, which sites rarely set up for users: not portable.
+    multi_node_hint = (
+        "Grid Engine has no portable way to start processes on the other hosts of a parallel job"
+    )
 
     def _status_argv(self, ids: list[str]) -> list[str]:
         """qstat takes no job list (``-j`` is the long form): ask for this user's jobs."""
