@@ -781,3 +781,161 @@ def test_jobs_started_together_drain_at_staggered_times(stagger, stagger_s, tran
 def test_lifetime_stagger_must_be_shorter_than_the_lifetime(tmp_path):
     with pytest.raises(ValueError, match="lifetime_stagger='2h' must be shorter than the work"):
         make_cluster("slurm", tmp_path, walltime="01:00:00", lifetime_stagger="2h")
+
+
+# Per system: cluster options for an array of 3 tasks, the array's id, and (status steps, state).
+ARRAY_TABLES = {
+    "slurm": (
+        {},
+        "123",
+        [
+            ([(SQUEUE.format(123), "123_[5-9] PENDING\n")], S.PENDING),
+            ([(SQUEUE.format(123), "123_4 RUNNING\n123_[5-9] PENDING\n")], S.RUNNING),
+            ([(SQUEUE.format(123), "123_0 COMPLETED\n123_1 COMPLETED\n")], S.COMPLETED),
+            ([(SQUEUE.format(123), "123_0 COMPLETED\n123_1 OUT_OF_MEMORY\n")], S.FAILED),
+        ],
+    ),
+    "sge": (
+        {"pe": "smp"},
+        "7",
+        [
+            # one row per running task, one row for the tasks still waiting (a range)
+            ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "qw", "1-3:1"))], S.PENDING),
+            (
+                [
+                    (
+                        rf"qstat -u {USER}",
+                        SGE_HEADER + sge_row("7", "r", "1") + sge_row("7", "qw", "2-3:1"),
+                    )
+                ],
+                S.RUNNING,
+            ),
+            (
+                [
+                    (
+                        rf"qstat -u {USER}",
+                        SGE_HEADER + sge_row("7", "r", "2") + sge_row("7", "Eqw", "3"),
+                    ),
+                    ("qdel 7", ""),
+                ],
+                S.RUNNING,  # a task in an error state never runs: the array is cancelled (qdel 7)
+            ),
+            # every task left qstat: qacct has one record per task
+            (
+                [(rf"qstat -u {USER}", SGE_HEADER), ("qacct -j 7", qacct("0", 0, 30) * 3)],
+                S.COMPLETED,
+            ),
+            (
+                [
+                    (rf"qstat -u {USER}", SGE_HEADER),
+                    ("qacct -j 7", qacct("0", 0, 30) + qacct("0", 2, 30)),
+                ],
+                S.FAILED,
+            ),
+        ],
+    ),
+    "pbs": (
+        {"pbs_flavor": "pro"},
+        "123[].pbs01",
+        [
+            # qstat -t: the array (B while any subjob runs) and its subjobs 123[i]
+            (
+                [
+                    (
+                        r"qstat -f -x -t 123\[\]\.pbs01",
+                        pbs_block("123[].pbs01", "B")
+                        + pbs_block("123[0].pbs01", "R")
+                        + pbs_block("123[1].pbs01", "Q")
+                        + pbs_block("123[2].pbs01", "X", 0),
+                    )
+                ],
+                S.RUNNING,
+            ),
+            (
+                [
+                    (
+                        r"qstat -f -x -t 123\[\]\.pbs01",
+                        pbs_block("123[].pbs01.example.org", "Q")
+                        + pbs_block("123[0].pbs01.example.org", "Q"),
+                    )
+                ],
+                S.PENDING,
+            ),
+            (
+                [
+                    (
+                        r"qstat -f -x -t 123\[\]\.pbs01",
+                        pbs_block("123[].pbs01", "F")
+                        + pbs_block("123[0].pbs01", "X", 0)
+                        + pbs_block("123[1].pbs01", "X", 0),
+                    )
+                ],
+                S.COMPLETED,
+            ),
+            (
+                [
+                    (
+                        r"qstat -f -x -t 123\[\]\.pbs01",
+                        pbs_block("123[].pbs01", "F")
+                        + pbs_block("123[0].pbs01", "X", 0)
+                        + pbs_block("123[1].pbs01", "X", 2),
+                    )
+                ],
+                S.FAILED,
+            ),
+        ],
+    ),
+    "pbs-torque": (
+        {"pbs_flavor": "torque"},
+        "123[].srv",
+        [
+            (
+                [
+                    (
+                        r"qstat -f -t 123\[\]\.srv",
+                        pbs_block("123[0].srv.example.org", "R")
+                        + pbs_block("123[1].srv.example.org", "C", 0),
+                    )
+                ],
+                S.RUNNING,
+            ),
+            (
+                [
+                    (
+                        r"qstat -f -t 123\[\]\.srv",
+                        pbs_block("123[0].srv", "C", 0) + pbs_block("123[1].srv", "C", 0),
+                    )
+                ],
+                S.COMPLETED,
+            ),
+        ],
+    ),
+    "lsf": (
+        {},
+        "55",
+        [
+            ([(BJOBS.format(55), "55|PEND|-|-\n55|PEND|-|-\n55|PEND|-|-\n")], S.PENDING),
+            ([(BJOBS.format(55), "55|DONE|-|-\n55|RUN|-|-\n55|PEND|-|-\n")], S.RUNNING),
+            ([(BJOBS.format(55), "55|DONE|-|-\n55|EXIT|1|-\n55|DONE|-|-\n")], S.FAILED),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARRAY_TABLES))
+def test_job_array_states_combine_their_tasks(name, transcript, tmp_path):
+    """One state per array from its tasks: running if any runs, then pending, then how it ended."""
+    options, job_id, table = ARRAY_TABLES[name]
+    cluster = make_cluster(name.split("-")[0], tmp_path, job_array=3, cores=1, **options)
+    record = JobRecord(name="jqms-t-1", job_id=job_id)
+    try:
+        results = []
+        for steps, _ in table:
+            for argv, stdout, *rest in steps:
+                code, stderr = (*rest, 0, "")[:2]
+                transcript.expect(argv, stdout, exit=code, stderr=stderr)
+            results.append(cluster._poll([record])[job_id])
+        assert results == [expected for _, expected in table]
+    finally:
+        cluster.close()
+    transcript.assert_done()
