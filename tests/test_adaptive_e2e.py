@@ -227,6 +227,97 @@ def test_slurm_burst_scales_to_maximum_jobs_and_back_to_zero(slurm_cluster, tmp_
     assert adaptive.error is None
 
 
+def sge_ids() -> set[str]:
+    out = subprocess.run(["qstat", "-u", "*"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
+
+
+@pytest.fixture
+def sge_cluster(sge, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """A factory of SGEClusters; at teardown each is closed and its jobs leave qstat."""
+    from jobqueue_ms.batch.sge import SGECluster
+
+    made: list[Cluster] = []
+
+    def make(**extra: Any) -> Cluster:
+        options = {
+            "cores": 1,
+            "memory": "2GiB",  # h_vmem: SGE limits the job's virtual memory to it
+            "walltime": "00:10:00",
+            "queue": sge.queue,
+            "pe": sge.parallel_environment,
+            "python": sys.executable,
+            "log_directory": str(tmp_path),
+            "poll_interval": 0.5,
+            # SGE jobs do not inherit this environment
+            "job_script_prologue": [f"export {k}={v}" for k, v in HEARTBEAT.items()],
+            "config": Config(),
+        }
+        cluster = SGECluster(**{**options, **extra})
+        made.append(cluster)
+        return cluster
+
+    yield make
+    ids: set[str] = set()
+    for cluster in made:
+        cluster.close()
+        ids |= {r.job_id for r in cluster.jobs.values() if r.job_id}
+    wait_until(lambda: not ids & sge_ids(), timeout=60, message="jobs to leave qstat")
+
+
+def test_sge_burst_scales_to_maximum_jobs_and_back_to_zero(sge_cluster, tmp_path: Path) -> None:
+    """The real SGE has a slot per core (2 here): at most two one-slot jobs."""
+    cluster = sge_cluster()
+    adaptive = cluster.adapt(minimum_jobs=0, maximum_jobs=2, **FAST)
+    log = tmp_path / "executions"
+    with Sampler(cluster) as sampler, Client(cluster) as client:
+        futures = [client.submit(record, str(log), i, 0.5) for i in range(20)]
+        results = [f.result(timeout=120) for f in futures]
+        wait_until(lambda: back_to_zero(cluster), timeout=60, message=describe(cluster, adaptive))
+    assert total(results) == sum(i * i for i in range(20))
+    assert executions(log) == Counter(range(20))
+    assert max(sampler.live_jobs) == 2
+    assert len(cluster.jobs) == 2
+    ids = {r.job_id for r in cluster.jobs.values()}
+    wait_until(lambda: not ids & sge_ids(), timeout=30, message="the jobs to leave qstat")
+    assert {r.state for r in cluster.jobs.values()} <= {JobState.COMPLETED, JobState.CANCELLED}
+    assert adaptive.error is None
+
+
+def test_two_schedulers_the_snapshot_sums_both(local, tmp_path: Path) -> None:
+    cluster = local(n_schedulers=2)
+    log = tmp_path / "executions"
+
+    def per_scheduler() -> list[int]:
+        return [
+            sum(info["tasks"][k] for k in ("ready", "waiting", "running"))
+            for info in cluster.scheduler_info(max_age=0)
+        ]
+
+    with Client(cluster) as client:
+        futures = [client.submit(record, str(log), i, 0.3) for i in range(60)]
+        wait_until(lambda: sum(per_scheduler()) == 60, timeout=30, message=per_scheduler)
+        counts = per_scheduler()
+        assert len(counts) == 2 and all(counts), counts  # the client spread the work
+        assert cluster.snapshot().tasks == 60  # the policy sees both schedulers' work
+        adaptive = cluster.adapt(minimum=0, maximum=4, **FAST)
+        with Sampler(cluster) as sampler:
+            wait_until(lambda: len(cluster.workers) == 4, timeout=30, message=describe(cluster))
+            snapshot = cluster.snapshot()
+            infos = cluster.scheduler_info(max_age=0)
+            # Every worker serves both schedulers, and is counted once.
+            assert len(snapshot.workers) == 4
+            assert all(len(info["workers"]) == 4 for info in infos)
+            results = [f.result(timeout=60) for f in futures]
+            wait_until(
+                lambda: back_to_zero(cluster), timeout=30, message=describe(cluster, adaptive)
+            )
+    assert total(results) == sum(i * i for i in range(60))
+    assert executions(log) == Counter(range(60))
+    assert max(sampler.live_jobs) == 4 and len(cluster.jobs) == 4
+    assert adaptive.error is None
+
+
 # ------------------------------------------------------------------- 3: shrinking loses nothing
 
 
@@ -463,6 +554,24 @@ def test_repeated_slurm_start_failures_stop_adaptive_with_the_job_log(slurm_clus
     assert "prologue broke: bad module" in str(adaptive.error)
     assert len(cluster.jobs) == 3
     assert {r.state for r in cluster.jobs.values()} == {JobState.FAILED}
+
+
+def test_a_job_the_queue_rejects_stops_adaptive_with_the_queue_s_message(
+    slurm, slurm_cluster
+) -> None:
+    """sbatch refuses --mem above what a node has: three refusals in a row stop adaptive."""
+    cluster = slurm_cluster(memory=f"{slurm.memory_mb_per_node + 1000}MiB")
+    adaptive = cluster.adapt(maximum_jobs=2, **FAST)
+    with Client(cluster) as client:
+        work = client.submit(sum, [1, 2])
+        wait_until(lambda: adaptive.error is not None, timeout=60, message=describe(cluster))
+        work.cancel()
+    assert not adaptive.running
+    message = str(adaptive.error)
+    assert "3 jobs in a row failed before any worker connected" in message
+    assert "Memory specification can not be satisfied" in message  # sbatch's own words
+    assert len(cluster.jobs) == 3 and adaptive.failed_steps <= 3
+    assert all(r.state == JobState.FAILED and not r.job_id for r in cluster.jobs.values())
 
 
 # ------------------------------------------------------------------------- the Cluster base
