@@ -923,6 +923,8 @@ class Adaptive:
         Durations: ``"1s"``, ``"500ms"``, ``"2m"``, a ``timedelta`` or a number of seconds.
     max_start_failures
         Stop after this many consecutive jobs failed before a worker connected.
+        ``cluster.adapt()`` makes it the cluster's own limit while it adapts, so the cluster
+        refuses to submit at the same count at which this stops.
     history
         How many recent decisions ``history`` keeps.
     autostart

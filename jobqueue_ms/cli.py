@@ -271,11 +271,34 @@ _RENDER_MANY = {
 }
 
 
+class _BatchSystem(click.ParamType):
+    """A registered batch system's name, checked when used (importing them at start-up would
+    slow every ``jobqueue-ms worker``)."""
+
+    name = "system"
+
+    @staticmethod
+    def choices() -> list[str]:
+        from .batch.base import batch_systems
+
+        return list(batch_systems())
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(self.choices()) + "]"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> str:
+        if value in self.choices():
+            return str(value)
+        self.fail(f"{value!r} is not one of {', '.join(self.choices())}", param, ctx)
+
+
 @main.command()
 @click.option(
     "--system",
     required=True,
-    type=click.Choice(["slurm", "sge", "pbs", "lsf"]),
+    type=_BatchSystem(),
     help="Batch system whose job script to print.",
 )
 @click.option(
@@ -284,7 +307,7 @@ _RENDER_MANY = {
 @click.option("--cores", type=int, default=None, help="Cores per node, e.g. 8.")
 @click.option("--memory", default=None, help="Memory per node, e.g. 16GiB.")
 @click.option("--processes", type=int, default=None, help="Worker processes per node.")
-@click.option("--nodes", type=int, default=None, help="Nodes per job (SLURM).")
+@click.option("--nodes", type=int, default=None, help="Nodes per job (SLURM, PBS, LSF).")
 @click.option("--queue", default=None)
 @click.option("--account", default=None)
 @click.option("--project", default=None, help="Same setting as --account.")
@@ -307,6 +330,13 @@ _RENDER_MANY = {
 @click.option("--memory-resource", multiple=True, help="SGE memory resource (repeatable).")
 @click.option("--pbs-flavor", default=None, type=click.Choice(["pro", "torque"]))
 @click.option("--lsf-units", default=None, help="LSF_UNIT_FOR_LIMITS (default: lsf.conf).")
+@click.option(
+    "--option",
+    "system_option",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Any option of the system's own, e.g. --option pe=mpi (repeatable).",
+)
 @click.option("--n-schedulers", type=int, default=1, show_default=True)
 @click.option("--scheduler-address", multiple=True, help="tcp://host:port (repeatable).")
 @click.option("--name", default=None, help="Job name in the script (default <job-name>-1).")
@@ -319,12 +349,20 @@ def render(
     n_schedulers: int,
     scheduler_address: tuple[str, ...],
     name: str | None,
+    system_option: tuple[str, ...],
     **given: object,
 ) -> None:
     """Print the job script a batch cluster would submit, starting nothing."""
     from .batch.base import render_job_script
 
     options: dict[str, object] = {}
+    for pair in system_option:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(
+                f"{pair!r} is not NAME=VALUE, e.g. pe=mpi", param_hint="--option"
+            )
+        options[key.strip().replace("-", "_")] = value
     for key, value in given.items():
         if key in _RENDER_MANY:
             if value:

@@ -44,7 +44,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SECTIONS = ("slurm", "sge", "pbs", "lsf", "ssh", "local", "mpi")
+OTHER_SECTIONS = ("ssh", "local", "mpi")
+"""Sections besides the batch systems' (their names come from the registry: known_sections())."""
 ENV_PREFIX = "JOBQUEUE_MS_"
 ENV_USER_CONFIG = "JOBQUEUE_MS_CONFIG"
 ENV_SITE_CONFIG = "JOBQUEUE_MS_SITE_CONFIG"
@@ -66,6 +67,18 @@ def user_config_path(environ: Mapping[str, str]) -> Path:
 
 class ConfigError(ValueError):
     """A config file or variable that cannot be read; names the file or variable."""
+
+
+def known_sections() -> tuple[str, ...]:
+    """Every section a config file may have: one per batch system, then ssh, local and mpi.
+
+    The batch systems are the registered BatchCluster subclasses (``batch_systems()``), so a new
+    system has its section without this list changing. Imported here, when first needed: the
+    batch package reads its settings through this module.
+    """
+    from .batch.base import batch_systems
+
+    return (*batch_systems(), *OTHER_SECTIONS)
 
 
 @dataclass(frozen=True)
@@ -95,16 +108,17 @@ class Config:
         sections: dict[str, dict[str, Any]] = {}
         origins: dict[tuple[str, str], str] = {}
         files: list[str] = []
+        known = known_sections()
         for path in map(Path, paths):
             if not path.is_file():
                 continue
             data = _read_toml(path)
             files.append(str(path))
             for section, table in data.items():
-                if section not in SECTIONS:
+                if section not in known:
                     raise ConfigError(
                         f"{path}: unknown section [{section}]; use one of "
-                        + ", ".join(f"[{s}]" for s in SECTIONS)
+                        + ", ".join(f"[{s}]" for s in known)
                     )
                 if not isinstance(table, dict):
                     raise ConfigError(f"{path}: {section} must be a table, like [{section}]")
@@ -113,7 +127,7 @@ class Config:
                     sections.setdefault(section, {})[name] = _plain(value)
                     origins[(section, name)] = str(path)
         for variable, text in sorted(env.items()):
-            parsed = _env_option(variable)
+            parsed = _env_option(variable, known)
             if parsed is None:
                 continue
             section, name = parsed
@@ -123,8 +137,9 @@ class Config:
 
     def options(self, section: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The section's settings with ``kwargs`` on top (a keyword given as None is not given)."""
-        if section not in SECTIONS:
-            raise ValueError(f"section={section!r} is not one of {', '.join(SECTIONS)}")
+        known = known_sections()
+        if section not in known:
+            raise ValueError(f"section={section!r} is not one of {', '.join(known)}")
         merged = dict(self.sections.get(section, {}))
         merged.update({key: value for key, value in kwargs.items() if value is not None})
         return merged
@@ -167,13 +182,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _env_option(variable: str) -> tuple[str, str] | None:
+def _env_option(variable: str, known: tuple[str, ...]) -> tuple[str, str] | None:
     """``JOBQUEUE_MS_SLURM_JOB_NAME`` -> ``("slurm", "job_name")``; other names -> None."""
     if not variable.startswith(ENV_PREFIX):
         return None
     rest = variable[len(ENV_PREFIX) :]
     section, _, option = rest.partition("_")
-    if section.lower() not in SECTIONS or not option:
+    if section.lower() not in known or not option:
         return None
     return section.lower(), option.lower()
 

@@ -227,6 +227,97 @@ def test_slurm_burst_scales_to_maximum_jobs_and_back_to_zero(slurm_cluster, tmp_
     assert adaptive.error is None
 
 
+def sge_ids() -> set[str]:
+    out = subprocess.run(["qstat", "-u", "*"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
+
+
+@pytest.fixture
+def sge_cluster(sge, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """A factory of SGEClusters; at teardown each is closed and its jobs leave qstat."""
+    from jobqueue_ms.batch.sge import SGECluster
+
+    made: list[Cluster] = []
+
+    def make(**extra: Any) -> Cluster:
+        options = {
+            "cores": 1,
+            "memory": "2GiB",  # h_vmem: SGE limits the job's virtual memory to it
+            "walltime": "00:10:00",
+            "queue": sge.queue,
+            "pe": sge.parallel_environment,
+            "python": sys.executable,
+            "log_directory": str(tmp_path),
+            "poll_interval": 0.5,
+            # SGE jobs do not inherit this environment
+            "job_script_prologue": [f"export {k}={v}" for k, v in HEARTBEAT.items()],
+            "config": Config(),
+        }
+        cluster = SGECluster(**{**options, **extra})
+        made.append(cluster)
+        return cluster
+
+    yield make
+    ids: set[str] = set()
+    for cluster in made:
+        cluster.close()
+        ids |= {r.job_id for r in cluster.jobs.values() if r.job_id}
+    wait_until(lambda: not ids & sge_ids(), timeout=60, message="jobs to leave qstat")
+
+
+def test_sge_burst_scales_to_maximum_jobs_and_back_to_zero(sge_cluster, tmp_path: Path) -> None:
+    """The real SGE has a slot per core (2 here): at most two one-slot jobs."""
+    cluster = sge_cluster()
+    adaptive = cluster.adapt(minimum_jobs=0, maximum_jobs=2, **FAST)
+    log = tmp_path / "executions"
+    with Sampler(cluster) as sampler, Client(cluster) as client:
+        futures = [client.submit(record, str(log), i, 0.5) for i in range(20)]
+        results = [f.result(timeout=120) for f in futures]
+        wait_until(lambda: back_to_zero(cluster), timeout=60, message=describe(cluster, adaptive))
+    assert total(results) == sum(i * i for i in range(20))
+    assert executions(log) == Counter(range(20))
+    assert max(sampler.live_jobs) == 2
+    assert len(cluster.jobs) == 2
+    ids = {r.job_id for r in cluster.jobs.values()}
+    wait_until(lambda: not ids & sge_ids(), timeout=30, message="the jobs to leave qstat")
+    assert {r.state for r in cluster.jobs.values()} <= {JobState.COMPLETED, JobState.CANCELLED}
+    assert adaptive.error is None
+
+
+def test_two_schedulers_the_snapshot_sums_both(local, tmp_path: Path) -> None:
+    cluster = local(n_schedulers=2)
+    log = tmp_path / "executions"
+
+    def per_scheduler() -> list[int]:
+        return [
+            sum(info["tasks"][k] for k in ("ready", "waiting", "running"))
+            for info in cluster.scheduler_info(max_age=0)
+        ]
+
+    with Client(cluster) as client:
+        futures = [client.submit(record, str(log), i, 0.3) for i in range(60)]
+        wait_until(lambda: sum(per_scheduler()) == 60, timeout=30, message=per_scheduler)
+        counts = per_scheduler()
+        assert len(counts) == 2 and all(counts), counts  # the client spread the work
+        assert cluster.snapshot().tasks == 60  # the policy sees both schedulers' work
+        adaptive = cluster.adapt(minimum=0, maximum=4, **FAST)
+        with Sampler(cluster) as sampler:
+            wait_until(lambda: len(cluster.workers) == 4, timeout=30, message=describe(cluster))
+            snapshot = cluster.snapshot()
+            infos = cluster.scheduler_info(max_age=0)
+            # Every worker serves both schedulers, and is counted once.
+            assert len(snapshot.workers) == 4
+            assert all(len(info["workers"]) == 4 for info in infos)
+            results = [f.result(timeout=60) for f in futures]
+            wait_until(
+                lambda: back_to_zero(cluster), timeout=30, message=describe(cluster, adaptive)
+            )
+    assert total(results) == sum(i * i for i in range(60))
+    assert executions(log) == Counter(range(60))
+    assert max(sampler.live_jobs) == 4 and len(cluster.jobs) == 4
+    assert adaptive.error is None
+
+
 # ------------------------------------------------------------------- 3: shrinking loses nothing
 
 
@@ -330,6 +421,21 @@ def test_slurm_walltime_drains_and_is_replaced_ahead(slurm_cluster, tmp_path: Pa
     assert adaptive.error is None
 
 
+def test_slurm_jobs_started_together_drain_at_staggered_times(slurm_cluster) -> None:
+    # Workers live 27 s (a 30 s walltime less a tenth); job k drains frac(k * 0.618) of the
+    # 10 s stagger earlier: about 6.2 s and 2.4 s before, for the first two jobs.
+    cluster = slurm_cluster(walltime="00:00:30", lifetime_stagger="10s")
+    cluster.scale(jobs=2)
+    cluster.wait_for_workers(2, timeout=60)
+    first = sorted(cluster.jobs.values(), key=lambda r: r.name)
+    ends = {j.name: j.walltime_end for j in cluster.snapshot().jobs}
+    assert abs(ends[first[0].name] - ends[first[1].name]) > 2.5
+    wait_until(lambda: all(r.state.finished for r in first), timeout=90, message=describe(cluster))
+    assert [r.state for r in first] == [JobState.TIMEOUT, JobState.TIMEOUT]  # normal expiry
+    assert all(r.error is None for r in first)
+    assert abs(first[0].ended_at - first[1].ended_at) > 2.0  # they left at different times
+
+
 # --------------------------------------------------------------------------------- 5: churn
 
 
@@ -423,6 +529,21 @@ def test_repeated_start_failures_stop_adaptive_with_a_clear_error() -> None:
             cluster.scale(jobs=1)
 
 
+@pytest.mark.parametrize("limit", [2, 5])
+def test_the_adapt_limit_on_start_failures_is_the_one_that_governs(limit: int) -> None:
+    """adapt(max_start_failures=5) stops after 5, not at the cluster's own default of 3."""
+    with BrokenStartCluster(n_workers=0) as cluster, Client(cluster) as client:
+        adaptive = cluster.adapt(maximum=2, max_start_failures=limit, **FAST)
+        work = client.submit(sum, [1, 2])
+        wait_until(lambda: adaptive.error is not None, timeout=60, message=describe(cluster))
+        work.cancel()
+        assert not adaptive.running
+        assert f"{limit} jobs in a row failed before any worker connected" in str(adaptive.error)
+        assert f"max_start_failures={limit}" in str(adaptive.error)
+        assert len(cluster.jobs) == limit
+        assert cluster.error is not None and f"{limit} jobs in a row" in cluster.error
+
+
 def test_repeated_slurm_start_failures_stop_adaptive_with_the_job_log(slurm_cluster) -> None:
     cluster = slurm_cluster(job_script_prologue=["echo 'prologue broke: bad module' >&2", "exit 3"])
     adaptive = cluster.adapt(maximum_jobs=2, **FAST)
@@ -433,6 +554,24 @@ def test_repeated_slurm_start_failures_stop_adaptive_with_the_job_log(slurm_clus
     assert "prologue broke: bad module" in str(adaptive.error)
     assert len(cluster.jobs) == 3
     assert {r.state for r in cluster.jobs.values()} == {JobState.FAILED}
+
+
+def test_a_job_the_queue_rejects_stops_adaptive_with_the_queue_s_message(
+    slurm, slurm_cluster
+) -> None:
+    """sbatch refuses --mem above what a node has: three refusals in a row stop adaptive."""
+    cluster = slurm_cluster(memory=f"{slurm.memory_mb_per_node + 1000}MiB")
+    adaptive = cluster.adapt(maximum_jobs=2, **FAST)
+    with Client(cluster) as client:
+        work = client.submit(sum, [1, 2])
+        wait_until(lambda: adaptive.error is not None, timeout=60, message=describe(cluster))
+        work.cancel()
+    assert not adaptive.running
+    message = str(adaptive.error)
+    assert "3 jobs in a row failed before any worker connected" in message
+    assert "Memory specification can not be satisfied" in message  # sbatch's own words
+    assert len(cluster.jobs) == 3 and adaptive.failed_steps <= 3
+    assert all(r.state == JobState.FAILED and not r.job_id for r in cluster.jobs.values())
 
 
 # ------------------------------------------------------------------------- the Cluster base
@@ -492,3 +631,68 @@ class FailingSchedulers(LocalCluster):
 def test_close_after_a_failed_start_lets_the_original_error_through() -> None:
     with pytest.raises(OSError, match="port 8786 is taken"):
         FailingSchedulers(n_workers=0)
+
+
+class LaggingQueueCluster(LocalCluster):
+    """A queue polled a while ago: a job whose process runs is still reported PENDING."""
+
+    def _poll(self, records: list[JobRecord]) -> dict[str, JobState]:
+        states = super()._poll(records)
+        return {k: JobState.PENDING if v == JobState.RUNNING else v for k, v in states.items()}
+
+
+def test_a_job_whose_workers_registered_runs_and_is_retired_gracefully(tmp_path: Path) -> None:
+    """Not cancelled as a queued job because the last poll still said PENDING."""
+    log = tmp_path / "executions"
+    with LaggingQueueCluster(n_workers=0) as cluster, Client(cluster) as client:
+        cluster.scale(jobs=1)
+        wait_until(lambda: len(cluster.workers) == 1, timeout=30, message=describe(cluster))
+        (job,) = cluster.snapshot().jobs
+        (rec,) = cluster.jobs.values()
+        assert job.state == "RUNNING" and rec.state == JobState.RUNNING
+        assert rec.started_at is not None
+        future = client.submit(record, str(log), 7, 1.5)
+        wait_until(lambda: cluster.snapshot().tasks_running == 1, timeout=30)
+        cluster.scale_down([rec.name])  # what the policy calls to retire the job
+        assert future.result(timeout=30) == (49, b"")
+        wait_until(lambda: rec.state.finished, timeout=30, message=describe(cluster))
+        assert rec.state == JobState.COMPLETED and not rec.cancel_requested
+    assert executions(log) == Counter([7])  # run once, not killed and rerun
+
+
+def test_retiring_one_worker_keeps_its_job_and_the_last_one_ends_it(
+    lsf_standin, tmp_path: Path
+) -> None:
+    """On the LSF stand-in (it runs the jobs as local processes), with two workers per job."""
+    from jobqueue_ms.batch.lsf import LSFCluster
+
+    cluster = LSFCluster(
+        cores=2,
+        processes=2,
+        memory="1GiB",
+        walltime="00:10",
+        python=sys.executable,
+        log_directory=str(tmp_path),
+        poll_interval=0.5,
+        config=Config(),
+    )
+    try:
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(2, timeout=60)
+        (job,) = cluster.jobs.values()
+        cluster.scale_down([f"{job.name}-1"])  # one worker: the job goes on with the other
+        wait_until(
+            lambda: sorted(cluster.workers) == [f"{job.name}-0"],
+            timeout=30,
+            message=describe(cluster),
+        )
+        assert job.state == JobState.RUNNING and job.retiring_since is None
+        with Client(cluster) as client:
+            assert client.submit(pow, 3, 2).result(timeout=30) == 9  # served by the one left
+        assert len(cluster.jobs) == 1  # nothing replaced it, nothing else was submitted
+        cluster.scale_down([f"{job.name}-0"])  # the last worker: the job ends, normally
+        wait_until(lambda: job.state.finished, timeout=30, message=describe(cluster))
+        assert job.state == JobState.COMPLETED and not job.cancel_requested
+        assert not cluster.workers
+    finally:
+        cluster.close()

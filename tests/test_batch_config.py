@@ -96,7 +96,10 @@ def test_missing_files_are_skipped(tmp_path):
     ("text", "message"),
     [
         ("[slurm\nqueue = 1", "not valid TOML"),
-        ("[slurmm]\nqueue = 'x'", r"unknown section \[slurmm\]; use one of \[slurm\]"),
+        (
+            "[slurmm]\nqueue = 'x'",
+            r"unknown section \[slurmm\]; use one of \[lsf\], \[pbs\], \[sge\], \[slurm\], \[ssh\]",
+        ),
         ("slurm = 3", "slurm must be a table"),
     ],
 )

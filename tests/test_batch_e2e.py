@@ -273,3 +273,72 @@ def test_schedulers_in_their_own_slurm_job(slurm, tmp_path):
         cluster.close()
     ids = {scheduler_job_id} | {r.job_id for r in cluster.jobs.values()}
     wait_until(lambda: not ids & queued_ids("slurm"), timeout=60)
+
+
+def test_interface_applies_to_local_schedulers_and_workers(lsf_standin, tmp_path):
+    """interface='lo': schedulers here and workers in the job (LSF stand-in) use 127.0.0.1."""
+    from jobqueue_ms.batch.lsf import LSFCluster
+
+    cluster = LSFCluster(
+        cores=2,
+        processes=2,
+        memory="1GiB",
+        walltime="00:10",
+        interface="lo",
+        python=sys.executable,
+        log_directory=str(tmp_path),
+        poll_interval=0.5,
+        n_schedulers=2,
+        config=Config(),
+    )
+    try:
+        assert all(a.startswith("tcp://127.0.0.1:") for a in cluster.scheduler_addresses)
+        assert "--interface lo\n" in cluster.job_script()
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(2, timeout=60)
+        with Client(cluster) as client:
+            assert client.submit(pow, 2, 10).result(timeout=30) == 1024
+        for info in cluster.scheduler_info(max_age=0):
+            assert info["address"].startswith("tcp://127.0.0.1:")
+            assert len(info["workers"]) == 2
+            for worker in info["workers"]:
+                assert worker["data_address"].startswith("tcp://127.0.0.1:"), worker
+    finally:
+        cluster.close()
+
+
+def sge_job_number(name: str) -> str | None:
+    """The id of the SGE job called ``name`` (qstat -j takes job names), or None."""
+    out = subprocess.run(["qstat", "-j", name], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("job_number:"):
+            return line.split()[1]
+    return None
+
+
+def test_schedulers_in_their_own_sge_job(sge, tmp_path):
+    """Two schedulers in one SGE job of one slot (the queue has a slot per core: 2 here)."""
+    from jobqueue_ms.batch.sge import SGECluster
+
+    options = batch_options("sge", sge, tmp_path)
+    cluster = SGECluster(
+        scheduler_placement="job",
+        n_schedulers=2,
+        shared_directory=str(tmp_path / "shared"),
+        scheduler_options={"cores": 1},
+        **options,
+    )
+    try:
+        scheduler_job_id = sge_job_number(f"{cluster.name}-scheduler")
+        assert scheduler_job_id is not None  # the schedulers run in this job
+        assert len(cluster.scheduler_addresses) == 2
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(1, timeout=120)
+        with Client(cluster) as client:
+            assert list(client.map(pow, range(10), [2] * 10)) == [x * x for x in range(10)]
+        assert all(len(info["workers"]) == 1 for info in cluster.scheduler_info(max_age=0))
+    finally:
+        cluster.close()
+    ids = {scheduler_job_id} | {r.job_id for r in cluster.jobs.values()}
+    wait_until(lambda: not ids & queued_ids("sge"), timeout=60)
+    assert not (tmp_path / "shared" / cluster.name).exists()  # its scheduler files are gone

@@ -85,11 +85,18 @@ def test_resources_forms():
         ({"job_script_prologue": [1]}, ValueError, "holds 1, which is not a string"),
         ({"resources": {"GPU": "many"}}, ValueError, "resources\\['GPU'\\]='many' is not a number"),
         ({"resources": ["GPU"]}, ValueError, "is not a mapping like"),
-        ({"gpus": -1}, ValueError, "gpus=-1 must be at least 1"),
+        ({"gpus": -1}, ValueError, "gpus=-1 must be 0 or more; use 0 or a positive integer"),
+        ({"gpus": 1.5}, ValueError, "gpus=1.5 is not a whole number; use 0 or a positive"),
         ({"shebang": "bash"}, ValueError, "shebang='bash' is not a '#!' line"),
         ({"log_directory": "a\nb"}, ValueError, "log_directory='a\\\\nb' is not a path"),
         ({"log_directory": "/my logs"}, ValueError, "cannot go in a directive line"),
-        ({"nodes": 2, "_system": "sge"}, ValueError, "nodes=2: SGECluster starts the workers"),
+        (
+            {"nodes": 2, "_system": "sge"},
+            ValueError,
+            r"nodes=2: SGECluster starts the workers of a job on one node \(Grid Engine has no "
+            r"portable way .*\); ask for one-node jobs instead, e\.g\. nodes=1 with "
+            r"scale\(jobs=2\) or job_array=2 \(LSFCluster, PBSCluster, SLURMCluster start",
+        ),
         ({"pe": "", "_system": "sge"}, ValueError, "pe='' is not a single word"),
         ({"pbs_flavor": "slurm", "_system": "pbs"}, ValueError, "pbs_flavor='slurm' is not one of"),
         ({"lsf_units": "XB", "_system": "lsf"}, ValueError, "lsf_units='XB' is not one of"),
@@ -117,6 +124,12 @@ def test_a_bad_option_fails_the_cluster_before_any_scheduler_or_job_starts(monke
         SLURMCluster(cores=1, memory="1GB", scheduler_placement="remote", config=EMPTY)
     with pytest.raises(ValueError, match="n_schedulers=0 must be a positive integer"):
         SLURMCluster(cores=1, memory="1GB", n_schedulers=0, config=EMPTY)
+    with pytest.raises(
+        ValueError,
+        match=r"interface='nosuch0' is not a network interface of this machine, where the "
+        r"schedulers run \(scheduler_placement='local'\); known interfaces: .*\blo\b",
+    ):
+        SLURMCluster(cores=1, memory="1GB", interface="nosuch0", config=EMPTY)
 
 
 def test_every_system_option_belongs_to_one_system():
@@ -141,3 +154,7 @@ def test_errors_show_the_accepted_options():
         spec(colour="red")
     accepted = re.search(r"Accepted options: (.*)", str(info.value)).group(1).split(", ")
     assert {"cores", "memory", "walltime", "job_extra_directives"} <= set(accepted)
+
+
+def test_gpus_may_be_zero():
+    assert spec(gpus=0).gpus == 0 and spec(gpus="0").gpus == 0 and spec(gpus=2).gpus == 2

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from ssh_golden import SSH_CASES, render_ssh_case
 
-from jobqueue_ms.batch.base import render_job_script
+from jobqueue_ms.batch.base import batch_systems, render_job_script
 from jobqueue_ms.batch.units import FILTERS
 from jobqueue_ms.config import Config
 from jobqueue_ms.deploy.render import builtin_templates, render
@@ -77,11 +78,29 @@ CASES: dict[tuple[str, str], dict] = {
         "pbs_flavor": "torque",
     },
     ("pbs", "scheduler"): {"cores": 4, "memory": "8GiB", "_role": 1},
+    ("pbs", "pro-multinode"): {"cores": 8, "memory": "16GiB", "processes": 2, "nodes": 3},
+    ("pbs", "torque-multinode"): {
+        "cores": 4,
+        "memory": "8GiB",
+        "processes": 2,
+        "nodes": 2,
+        "gpus": 1,
+        "pbs_flavor": "torque",
+    },
+    ("pbs", "pro-multinode-array"): {
+        "cores": 2,
+        "memory": "2GiB",
+        "nodes": 2,
+        "job_array": 3,
+        "interface": "ib0",
+    },
     ("lsf", "basic"): {"cores": 8, "memory": "16GiB", "processes": 2, "walltime": "01:00:00"},
     ("lsf", "units-mb"): {"cores": 1, "memory": "1.5GB", "walltime": "90s", "lsf_units": "MB"},
     ("lsf", "full"): {"cores": 8, "memory": "32GB", "processes": 4, "lsf_units": "GB", **FULL},
     ("lsf", "array"): {"cores": 4, "memory": "8GiB", "job_array": 4, "lsf_units": "KB"},
     ("lsf", "scheduler"): {"cores": 4, "memory": "8GiB", "lsf_units": "KB", "_role": 2},
+    ("lsf", "multinode"): {"cores": 8, "memory": "16GiB", "processes": 2, "nodes": 3},
+    ("lsf", "multinode-array"): {"cores": 2, "memory": "2GiB", "nodes": 2, "job_array": 3},
 }
 
 
@@ -123,12 +142,39 @@ def test_every_golden_is_valid_bash():
         assert proc.returncode == 0, f"{path}: {proc.stderr}"
 
 
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="SSHCluster needs the OpenSSH client")
+@pytest.mark.parametrize("case", sorted(SSH_CASES))
+def test_ssh_golden(case):
+    """ssh.sh.j2 as SSHCluster renders it (tests/ssh_golden.py), byte for byte."""
+    rendered = render_ssh_case(case, ADDRESSES, PY)
+    path = GOLDEN / "ssh" / f"{case}.sh"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rendered)
+    assert path.read_text() == rendered, f"{path} differs; run scripts/update-goldens to review"
+
+
 def test_every_golden_file_has_a_case_and_every_template_a_golden():
+    """Batch goldens here, SSH goldens here too, `jobqueue-ms submit` ones in test_submit.py."""
+    if UPDATE:
+        pytest.skip("scripts/update-goldens is rewriting the goldens (test_submit.py's later)")
+    from test_submit import CASES as SUBMIT_CASES
+    from test_submit import GOLDEN as SUBMIT_GOLDEN
+
     on_disk = {(p.parent.name, p.stem) for p in GOLDEN.glob("*/*.sh")}
-    assert on_disk == set(CASES)
-    systems = {name.removesuffix(".sh.j2") for name in builtin_templates()}
-    assert {"slurm", "sge", "pbs", "lsf"} <= systems
-    assert {system for system, _ in CASES} == {"slurm", "sge", "pbs", "lsf"}
+    assert on_disk == set(CASES) | {("ssh", case) for case in SSH_CASES}
+    assert {system for system, _ in CASES} == set(batch_systems())
+    # Every template someone runs has golden files: <system>.sh.j2 here, mpi-<system>.sh.j2 in
+    # golden/submit/<system>/, ssh.sh.j2 in golden/ssh/; the bases are extended by all of them.
+    golden_dirs = {
+        **{f"{system}.sh.j2": GOLDEN / system for system, _ in CASES},
+        **{f"mpi-{system}.sh.j2": SUBMIT_GOLDEN / system for system, _ in SUBMIT_CASES},
+        "ssh.sh.j2": GOLDEN / "ssh",
+    }
+    bases = {"base.sh.j2", "mpi-base.sh.j2"}
+    assert set(builtin_templates()) == set(golden_dirs) | bases
+    for template, directory in golden_dirs.items():
+        assert any(directory.glob("*.sh")), f"{template} has no golden file in {directory}"
 
 
 def test_a_typo_in_a_template_fails_instead_of_printing_nothing(tmp_path):
@@ -185,3 +231,104 @@ def test_template_file_is_a_full_override(tmp_path):
 def test_a_missing_context_variable_fails():
     with pytest.raises(jinja2.UndefinedError, match="'job' is undefined"):
         render("slurm.sh.j2", {"name": "x"}, filters=FILTERS)
+
+
+def test_a_template_file_in_the_current_directory_is_a_file_not_a_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.sh.j2").write_text("#!/bin/sh\n# {{ name }} {{ job.cores }}\n")
+    script = render_job_script(
+        "slurm", cores=2, memory="2GiB", template="mine.sh.j2", name="j-1", config=Config()
+    )
+    assert script == "#!/bin/sh\n# j-1 2\n"
+    # Only a user's template= is read as a file: a file named like a built-in template in the
+    # current directory does not replace the system's template.
+    (tmp_path / "slurm.sh.j2").write_text("#!/bin/sh\n# not the built-in\n")
+    builtin = render_job_script("slurm", cores=2, memory="2GiB", name="j-1", config=Config())
+    assert builtin.startswith("#!/usr/bin/env bash\n#SBATCH --job-name=j-1\n")
+    # A name that is no file stays a template name, looked up as before.
+    with pytest.raises(jinja2.TemplateNotFound, match="theirs.sh.j2"):
+        render_job_script("slurm", cores=1, memory="1GB", template="theirs.sh.j2", config=Config())
+
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for python: records the worker's arguments and the node its launcher put it on.
+name=unnamed; prev=
+for arg in "$@"; do [ "$prev" = --name ] && name=$arg; prev=$arg; done
+printf '%s\\n' "$@" "node=$FAKE_NODE" > "$CALLS/$name.args"
+"""
+FAKE_LAUNCHERS = {
+    # pbsdsh -n <index> -- cmd (PBS Pro) | pbsdsh -h <host> cmd (Torque): the index counts the
+    # lines of PBS_NODEFILE, one per node with mpiprocs=1.
+    "pbsdsh": """#!/bin/bash
+if [ "$1" = -n ]; then
+    node=$(sed -n "$(($2 + 1))p" "$PBS_NODEFILE"); shift 2; [ "$1" = -- ] && shift
+elif [ "$1" = -h ]; then node=$2; shift 2
+else echo "fake pbsdsh: unexpected $*" >&2; exit 2; fi
+FAKE_NODE=$node exec "$@"
+""",
+    "blaunch": """#!/bin/bash
+node=$1; shift
+FAKE_NODE=$node exec "$@"
+""",
+}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(
+    ("system", "options", "environment"),
+    [
+        ("pbs", {"pbs_flavor": "pro"}, {"nodefile": "n1\nn2\nn3\n"}),
+        ("pbs", {"pbs_flavor": "torque"}, {"nodefile": "n1\nn1\nn2\nn2\nn3\nn3\n"}),
+        ("lsf", {"lsf_units": "MB"}, {"LSB_MCPU_HOSTS": "n1 2 n2 2 n3 2"}),
+    ],
+    ids=["pbs-pro", "pbs-torque", "lsf"],
+)
+def test_a_multinode_script_starts_its_workers_on_every_node(
+    system, options, environment, tmp_path
+):
+    """Run the rendered script with bash, fake launchers (pbsdsh, blaunch) and a fake python.
+
+    The PBS and LSF stand-ins run one host only, so this checks the fan-out logic of the
+    templates; the golden files pin their exact text. (SLURM's srun runs for real, in
+    test_batch_real.py.)
+    """
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    calls.mkdir()
+    for name, text in {**FAKE_LAUNCHERS, "python": FAKE_PYTHON}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls)}
+    if "nodefile" in environment:
+        (tmp_path / "nodefile").write_text(environment["nodefile"])
+        env["PBS_NODEFILE"] = str(tmp_path / "nodefile")
+    else:
+        env.update(environment)
+    script = render_job_script(
+        system,
+        cores=2,
+        processes=2,
+        memory="2GiB",
+        nodes=3,
+        python=str(bin_dir / "python"),
+        name="mn-1",
+        scheduler_addresses=ADDRESSES[:1],
+        config=Config(),
+        **options,
+    )
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    placed = {}
+    for path in sorted(calls.glob("*.args")):
+        args = path.read_text().splitlines()
+        assert args[args.index("--host") + 1] == args[-1].removeprefix("node=")
+        assert args[args.index("--scheduler") + 1] == ADDRESSES[0]
+        placed[path.stem] = args[-1]
+    assert placed == {
+        "mn-1-0": "node=n1",
+        "mn-1-1": "node=n1",
+        "mn-1-2": "node=n2",
+        "mn-1-3": "node=n2",
+        "mn-1-4": "node=n3",
+        "mn-1-5": "node=n3",
+    }

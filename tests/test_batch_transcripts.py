@@ -10,6 +10,7 @@ stand-in are exercised in test_batch_real.py.
 from __future__ import annotations
 
 import getpass
+import itertools
 import json
 import os
 import re
@@ -56,6 +57,9 @@ REPLAY = textwrap.dedent(
         state["calls"].append({"argv": argv, "stdin": stdin})
         with open(path, "w") as f:
             json.dump(state, f)
+    if i < len(state["steps"]) and state["steps"][i].get("hang"):
+        import time
+        time.sleep(state["steps"][i]["hang"])  # a command that does not answer in time
     sys.stdout.write(out)
     sys.stderr.write(err)
     sys.exit(code)
@@ -72,10 +76,17 @@ class Transcript:
     def _load(self) -> dict:
         return json.loads(self.path.read_text())
 
-    def expect(self, argv: str, stdout: str = "", *, exit: int = 0, stderr: str = "") -> None:
-        """Add a step: a call whose space-joined argv fully matches the regex ``argv``."""
+    def expect(
+        self, argv: str, stdout: str = "", *, exit: int = 0, stderr: str = "", hang: float = 0
+    ) -> None:
+        """Add a step: a call whose space-joined argv fully matches the regex ``argv``.
+
+        With ``hang``, the command answers only after that many seconds (a stuck controller).
+        """
         state = self._load()
-        state["steps"].append({"argv": argv, "stdout": stdout, "stderr": stderr, "exit": exit})
+        state["steps"].append(
+            {"argv": argv, "stdout": stdout, "stderr": stderr, "exit": exit, "hang": hang}
+        )
         self.path.write_text(json.dumps(state))
 
     @property
@@ -334,7 +345,11 @@ STATE_TABLES = {
         ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "r"))], S.RUNNING),
         ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "Rr"))], S.RUNNING),
         ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "s"))], S.PENDING),
-        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dr"))], S.CANCELLED),
+        # being deleted (qdel): not finished while qstat still lists it, its workers may run
+        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dr"))], S.RUNNING),
+        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dt"))], S.RUNNING),
+        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dRr"))], S.RUNNING),
+        ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "ds"))], S.PENDING),
         (
             [(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "Eqw")), ("qdel 7", "")],
             S.FAILED,  # an error state never runs: cancelled at once
@@ -559,6 +574,31 @@ def test_a_submission_without_an_id_cancels_the_job_by_name(transcript, tmp_path
     transcript.assert_done()
 
 
+@pytest.mark.parametrize(
+    ("system", "submit", "cancel"),
+    [
+        ("slurm", r"sbatch --parsable \S+", r"scancel --name jqms-\w+-1"),
+        ("sge", r"qsub \S+", r"qdel jqms-\w+-1"),
+        ("lsf", r"bsub", r"bkill -J jqms-\w+-1"),
+    ],
+)
+def test_a_submission_that_times_out_cancels_the_job_by_name(
+    system, submit, cancel, transcript, tmp_path
+):
+    """The queue may have taken the job before the submit command hung: never orphan it."""
+    cluster = make_cluster(system, tmp_path, command_timeout=0.5)
+    try:
+        transcript.expect(submit, hang=30)
+        transcript.expect(cancel)
+        with pytest.raises(CommandError, match="did not finish within 0.5 s"):
+            cluster.scale(jobs=1)
+        (record,) = cluster.jobs.values()
+        assert record.state == S.FAILED and not record.job_id
+    finally:
+        cluster.close()
+    transcript.assert_done()
+
+
 def test_close_cancels_every_job_it_submitted_and_only_those(transcript, tmp_path):
     cluster = make_cluster("sge", tmp_path, pe="smp")
     try:
@@ -661,4 +701,241 @@ def test_the_fake_commands_are_the_ones_run(transcript):
     assert subprocess.run(["squeue", "--version"], capture_output=True, text=True).stdout == (
         "slurm 99\n"
     )
+    transcript.assert_done()
+
+
+@pytest.mark.parametrize(
+    ("flavor", "log_name"),
+    [("torque", "{name}.out-0"), ("pro", "{name}.0.out")],
+)
+def test_a_pbs_array_that_fails_at_start_reports_its_first_task_s_log(
+    flavor, log_name, transcript, tmp_path
+):
+    """Torque appends -<index> to the -o path of each task; PBS Pro fills ^array_index^."""
+    cluster = make_cluster("pbs", tmp_path, pbs_flavor=flavor, job_array=2, cores=1)
+    try:
+        transcript.expect(r"qsub \S+/jqms-\w+-1\.sh", "123[].pbs01\n")
+        cluster.scale(jobs=1)
+        (record,) = cluster.jobs.values()
+        assert record.log_path == str(tmp_path / log_name.format(name=record.name))
+        Path(record.log_path).write_text("module: command not found\n")
+        ended = pbs_block("123[0].pbs01", "C" if flavor == "torque" else "F", 1)
+        ended += pbs_block("123[1].pbs01", "C" if flavor == "torque" else "F", 1)
+        x = "" if flavor == "torque" else " -x"
+        transcript.expect(rf"qstat -f{x} -t 123\[\]\.pbs01", ended)
+        transcript.expect(r"qsub \S+/jqms-\w+-2\.sh", "124[].pbs01\n")  # its replacement
+        cluster.sync()
+        assert record.state == JobState.FAILED
+        assert record.error.endswith("end of its log:\nmodule: command not found")
+        transcript.expect(r"qdel 124\[\]\.pbs01")
+    finally:
+        cluster.close()
+    transcript.assert_done()
+
+
+def test_an_sge_job_being_deleted_stays_live_until_it_leaves_qstat(transcript, tmp_path):
+    cluster = make_cluster("sge", tmp_path, pe="smp")
+    try:
+        transcript.expect(r"qsub \S+", 'Your job 7 ("x") has been submitted\n')
+        cluster.scale(jobs=1)
+        (record,) = cluster.jobs.values()
+        transcript.expect(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "r"))
+        cluster.sync()
+        transcript.expect("qdel 7")
+        cluster.scale(0)
+        transcript.expect(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "dr"))
+        cluster.sync()
+        assert record.state == JobState.RUNNING and record.ended_at is None  # still going
+        transcript.expect(rf"qstat -u {USER}", SGE_HEADER)
+        transcript.expect("qacct -j 7", qacct("100 : assumedly after job", 137, 3))
+        cluster.sync()
+        assert record.state == JobState.CANCELLED and record.ended_at is not None
+    finally:
+        cluster.close()
+    transcript.assert_done()
+
+
+@pytest.mark.parametrize(("stagger", "stagger_s"), [(None, 300.0), ("10m", 600.0), (2, 120.0)])
+def test_jobs_started_together_drain_at_staggered_times(stagger, stagger_s, transcript, tmp_path):
+    """Each job's drain comes up to lifetime_stagger before its workers' lifetime ends."""
+    options = {} if stagger is None else {"lifetime_stagger": stagger}
+    cluster = make_cluster("slurm", tmp_path, walltime="02:00:00", **options)
+    try:
+        for job_id in (42, 43, 44):
+            transcript.expect(r"sbatch --parsable \S+", f"{job_id}\n")
+        cluster.scale(jobs=3)
+        transcript.expect(SQUEUE.format("42,43,44"), "42 RUNNING\n43 RUNNING\n44 RUNNING\n")
+        cluster.sync()
+        records = sorted(cluster.jobs.values(), key=lambda r: r.name)
+        lifetime = 7200 - 300  # the workers retire 5 minutes before the walltime
+        ends = {j.name: j.walltime_end for j in cluster.snapshot().jobs}
+        offsets = [r.started_at + lifetime - ends[r.name] for r in records]
+        assert all(0 <= offset < stagger_s for offset in offsets), offsets
+        assert min(abs(a - b) for a, b in itertools.combinations(offsets, 2)) > stagger_s / 10
+        transcript.expect("scancel 42 43 44")
+    finally:
+        cluster.close()
+    transcript.assert_done()
+
+
+def test_lifetime_stagger_must_be_shorter_than_the_lifetime(tmp_path):
+    with pytest.raises(ValueError, match="lifetime_stagger='2h' must be shorter than the work"):
+        make_cluster("slurm", tmp_path, walltime="01:00:00", lifetime_stagger="2h")
+
+
+# Per system: cluster options for an array of 3 tasks, the array's id, and (status steps, state).
+ARRAY_TABLES = {
+    "slurm": (
+        {},
+        "123",
+        [
+            ([(SQUEUE.format(123), "123_[5-9] PENDING\n")], S.PENDING),
+            ([(SQUEUE.format(123), "123_4 RUNNING\n123_[5-9] PENDING\n")], S.RUNNING),
+            ([(SQUEUE.format(123), "123_0 COMPLETED\n123_1 COMPLETED\n")], S.COMPLETED),
+            ([(SQUEUE.format(123), "123_0 COMPLETED\n123_1 OUT_OF_MEMORY\n")], S.FAILED),
+        ],
+    ),
+    "sge": (
+        {"pe": "smp"},
+        "7",
+        [
+            # one row per running task, one row for the tasks still waiting (a range)
+            ([(rf"qstat -u {USER}", SGE_HEADER + sge_row("7", "qw", "1-3:1"))], S.PENDING),
+            (
+                [
+                    (
+                        rf"qstat -u {USER}",
+                        SGE_HEADER + sge_row("7", "r", "1") + sge_row("7", "qw", "2-3:1"),
+                    )
+                ],
+                S.RUNNING,
+            ),
+            (
+                [
+                    (
+                        rf"qstat -u {USER}",
+                        SGE_HEADER + sge_row("7", "r", "2") + sge_row("7", "Eqw", "3"),
+                    ),
+                    ("qdel 7", ""),
+                ],
+                S.RUNNING,  # a task in an error state never runs: the array is cancelled (qdel 7)
+            ),
+            # every task left qstat: qacct has one record per task
+            (
+                [(rf"qstat -u {USER}", SGE_HEADER), ("qacct -j 7", qacct("0", 0, 30) * 3)],
+                S.COMPLETED,
+            ),
+            (
+                [
+                    (rf"qstat -u {USER}", SGE_HEADER),
+                    ("qacct -j 7", qacct("0", 0, 30) + qacct("0", 2, 30)),
+                ],
+                S.FAILED,
+            ),
+        ],
+    ),
+    "pbs": (
+        {"pbs_flavor": "pro"},
+        "123[].pbs01",
+        [
+            # qstat -t: the array (B while any subjob runs) and its subjobs 123[i]
+            (
+                [
+                    (
+                        r"qstat -f -x -t 123\[\]\.pbs01",
+                        pbs_block("123[].pbs01", "B")
+                        + pbs_block("123[0].pbs01", "R")
+                        + pbs_block("123[1].pbs01", "Q")
+                        + pbs_block("123[2].pbs01", "X", 0),
+                    )
+                ],
+                S.RUNNING,
+            ),
+            (
+                [
+                    (
+                        r"qstat -f -x -t 123\[\]\.pbs01",
+                        pbs_block("123[].pbs01.example.org", "Q")
+                        + pbs_block("123[0].pbs01.example.org", "Q"),
+                    )
+                ],
+                S.PENDING,
+            ),
+            (
+                [
+                    (
+                        r"qstat -f -x -t 123\[\]\.pbs01",
+                        pbs_block("123[].pbs01", "F")
+                        + pbs_block("123[0].pbs01", "X", 0)
+                        + pbs_block("123[1].pbs01", "X", 0),
+                    )
+                ],
+                S.COMPLETED,
+            ),
+            (
+                [
+                    (
+                        r"qstat -f -x -t 123\[\]\.pbs01",
+                        pbs_block("123[].pbs01", "F")
+                        + pbs_block("123[0].pbs01", "X", 0)
+                        + pbs_block("123[1].pbs01", "X", 2),
+                    )
+                ],
+                S.FAILED,
+            ),
+        ],
+    ),
+    "pbs-torque": (
+        {"pbs_flavor": "torque"},
+        "123[].srv",
+        [
+            (
+                [
+                    (
+                        r"qstat -f -t 123\[\]\.srv",
+                        pbs_block("123[0].srv.example.org", "R")
+                        + pbs_block("123[1].srv.example.org", "C", 0),
+                    )
+                ],
+                S.RUNNING,
+            ),
+            (
+                [
+                    (
+                        r"qstat -f -t 123\[\]\.srv",
+                        pbs_block("123[0].srv", "C", 0) + pbs_block("123[1].srv", "C", 0),
+                    )
+                ],
+                S.COMPLETED,
+            ),
+        ],
+    ),
+    "lsf": (
+        {},
+        "55",
+        [
+            ([(BJOBS.format(55), "55|PEND|-|-\n55|PEND|-|-\n55|PEND|-|-\n")], S.PENDING),
+            ([(BJOBS.format(55), "55|DONE|-|-\n55|RUN|-|-\n55|PEND|-|-\n")], S.RUNNING),
+            ([(BJOBS.format(55), "55|DONE|-|-\n55|EXIT|1|-\n55|DONE|-|-\n")], S.FAILED),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARRAY_TABLES))
+def test_job_array_states_combine_their_tasks(name, transcript, tmp_path):
+    """One state per array from its tasks: running if any runs, then pending, then how it ended."""
+    options, job_id, table = ARRAY_TABLES[name]
+    cluster = make_cluster(name.split("-")[0], tmp_path, job_array=3, cores=1, **options)
+    record = JobRecord(name="jqms-t-1", job_id=job_id)
+    try:
+        results = []
+        for steps, _ in table:
+            for argv, stdout, *rest in steps:
+                code, stderr = (*rest, 0, "")[:2]
+                transcript.expect(argv, stdout, exit=code, stderr=stderr)
+            results.append(cluster._poll([record])[job_id])
+        assert results == [expected for _, expected in table]
+    finally:
+        cluster.close()
     transcript.assert_done()

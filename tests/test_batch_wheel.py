@@ -2,8 +2,17 @@
 
 setup.cfg maps the package ``jobqueue_ms.templates`` onto the top-level ``templates/`` folder,
 which is easy to lose from a wheel. These build the wheel, install it into a fresh venv and
-render every case of test_batch_templates.py there (and from the editable install), comparing
-with the golden files byte for byte.
+render there (and from the editable install) every golden case, through the public functions
+that render them in use, comparing with the golden files byte for byte:
+
+* the batch job scripts of test_batch_templates.py: ``render_job_script`` (base.sh.j2 and
+  <system>.sh.j2);
+* the ``jobqueue-ms submit --dry-run`` scripts of test_submit.py (mpi-base.sh.j2 and
+  mpi-<system>.sh.j2), through the CLI as that test runs it;
+* the SSH job scripts (ssh.sh.j2), through ``SSHCluster.job_script()`` (tests/ssh_golden.py,
+  copied next to the script).
+
+Every template the package ships must have been rendered by at least one case.
 """
 
 from __future__ import annotations
@@ -19,36 +28,71 @@ import venv
 from pathlib import Path
 
 import pytest
-from test_batch_templates import CASES, GOLDEN, case_kwargs
+from ssh_golden import SSH_CASES
+from test_batch_templates import ADDRESSES, CASES, GOLDEN, PY, case_kwargs
+from test_submit import CASES as SUBMIT_CASES
+from test_submit import COMMON as SUBMIT_COMMON
+from test_submit import GOLDEN as SUBMIT_GOLDEN
+from test_submit import PROJECT, SCRIPT_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 
 RENDER_ALL = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys, tempfile
+    from click.testing import CliRunner
     import jobqueue_ms
     from jobqueue_ms.batch.base import render_job_script
-    from jobqueue_ms.config import Config
+    from jobqueue_ms.cli import main
+    from jobqueue_ms.config import Config, get_config
     from jobqueue_ms.deploy.render import builtin_template_dir, builtin_templates
+    from ssh_golden import render_ssh_case
 
-    cases = json.load(open(sys.argv[1]))
+    cases_path, out_path = (os.path.abspath(path) for path in sys.argv[1:3])
+    cases = json.load(open(cases_path))
+    scripts = {key: render_job_script(system, config=Config(), **kwargs)
+               for key, (system, kwargs) in cases["batch"].items()}
+    for key, (system, args) in cases["submit"].items():
+        with tempfile.TemporaryDirectory() as work:  # as test_submit's dry runs do
+            os.chdir(work)
+            open("work.py", "w").write("print('hi')\\n")
+            os.environ["JOBQUEUE_MS_CONFIG"] = os.path.join(work, "none.toml")
+            os.environ["JOBQUEUE_MS_SITE_CONFIG"] = os.path.join(work, "none.toml")
+            os.environ.pop("LSF_ENVDIR", None)
+            get_config.cache_clear()
+            result = CliRunner().invoke(main, ["submit", "--system", system, *args])
+            assert result.exit_code == 0, (key, result.output)
+            scripts[key] = result.stdout.replace(os.path.realpath(work), cases["project"])
+    for key, case in cases["ssh"].items():
+        scripts[key] = render_ssh_case(case, cases["addresses"], cases["python"])
     out = {
         "package": jobqueue_ms.__file__,
         "template_dir": str(builtin_template_dir()),
         "templates": builtin_templates(),
-        "scripts": {key: render_job_script(system, config=Config(), **kwargs)
-                    for key, (system, kwargs) in cases.items()},
+        "scripts": scripts,
     }
-    json.dump(out, open(sys.argv[2], "w"))
+    json.dump(out, open(out_path, "w"))
     """
 )
 
 
 def render_all(python: Path, tmp_path: Path) -> dict:
     """Render every golden case with ``python`` from outside the checkout; check the bytes."""
-    cases = {f"{s}/{c}": (s, case_kwargs(s, dict(o))) for (s, c), o in CASES.items()}
+    cases = {
+        "batch": {f"{s}/{c}": (s, case_kwargs(s, dict(o))) for (s, c), o in CASES.items()},
+        "submit": {
+            f"submit/{s}/{c}": (s, [*SUBMIT_COMMON, *args, "--dry-run", "work.py", *SCRIPT_ARGS])
+            for (s, c), args in SUBMIT_CASES.items()
+        },
+        "ssh": {f"ssh/{case}": case for case in SSH_CASES},
+        "project": PROJECT,
+        "addresses": ADDRESSES,
+        "python": PY,
+    }
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     (tmp_path / "render_all.py").write_text(RENDER_ALL)
+    shutil.copy(TESTS / "ssh_golden.py", tmp_path / "ssh_golden.py")
     proc = subprocess.run(
         [str(python), "render_all.py", "cases.json", "out.json"],
         cwd=tmp_path,  # not the checkout, so its jobqueue_ms is not importable from the cwd
@@ -58,10 +102,14 @@ def render_all(python: Path, tmp_path: Path) -> dict:
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads((tmp_path / "out.json").read_text())
-    expected = {"base.sh.j2", "slurm.sh.j2", "sge.sh.j2", "pbs.sh.j2", "lsf.sh.j2"}
-    assert expected <= set(out["templates"])
+    assert set(out["scripts"]) == {*cases["batch"], *cases["submit"], *cases["ssh"]}
     for key, script in out["scripts"].items():
-        assert script == (GOLDEN / f"{key}.sh").read_text(), key
+        golden = SUBMIT_GOLDEN.parent / f"{key}.sh" if key.startswith("submit/") else None
+        assert script == (golden or GOLDEN / f"{key}.sh").read_text(), key
+    # Every template shipped was rendered: each system's by its cases, the bases by all.
+    rendered = {f"{s}.sh.j2" for s, _ in CASES} | {f"mpi-{s}.sh.j2" for s, _ in SUBMIT_CASES}
+    rendered |= {"ssh.sh.j2", "base.sh.j2", "mpi-base.sh.j2"}
+    assert set(out["templates"]) == rendered
     return out
 
 

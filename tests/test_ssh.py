@@ -128,7 +128,12 @@ def test_two_hosts_two_schedulers_compute_scale_and_close(hosts: SSHHosts) -> No
         assert sorted(per_host.values()) == [1, 2]
         cluster.scale(jobs=2)
         wait_until(lambda: len(live_jobs(cluster)) == 2, timeout=60, message=lambda: cluster)
-        cluster.scale_down([sorted(cluster.workers)[0]])  # the policy's verb: by worker name
+        first = sorted(cluster.workers)[0]
+        cluster.scale_down([first])  # the policy's verb, by worker name: that worker only
+        wait_until(lambda: len(cluster.workers) == 3, timeout=60, message=lambda: cluster)
+        assert len(live_jobs(cluster)) == 2
+        (job,) = [r for r in cluster.jobs.values() if first in r.worker_names]
+        cluster.scale_down([w for w in job.worker_names if w != first])  # its last: the job ends
         wait_until(lambda: len(live_jobs(cluster)) == 1, timeout=60, message=lambda: cluster)
         wait_until(lambda: len(cluster.workers) == 2, timeout=60, message=lambda: cluster)
         assert all(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pkgutil
 import re
 import shlex
 import socket
@@ -25,7 +26,7 @@ from ..config import Config, get_config
 from ..deploy import render as render_module
 from ..deploy.cluster import Cluster, ClusterError, JobRecord, JobState
 from ..units import parse_duration
-from .spec import JobSpec
+from .spec import JobSpec, SystemOption, declare_system_options
 from .units import FILTERS
 
 log = logging.getLogger("jobqueue_ms.batch")
@@ -220,6 +221,7 @@ CLUSTER_OPTIONS = (
     "poll_interval",
     "command_timeout",
     "lost_after",
+    "lifetime_stagger",
 )
 
 
@@ -238,6 +240,7 @@ class _ClusterSettings:
     poll_interval_s: float = 5.0
     command_timeout_s: float = 60.0
     lost_after_s: float = 60.0
+    lifetime_stagger_s: float | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> _ClusterSettings:
@@ -256,9 +259,14 @@ class _ClusterSettings:
                     "this machine) or 'job' (schedulers in their own batch job)"
                 )
             kwargs["scheduler_placement"] = placement
-        for name in ("scheduler_host", "shared_directory", "template"):
+        for name in ("scheduler_host", "shared_directory"):
             if options.get(name) is not None:
                 kwargs[name] = str(options[name])
+        if options.get("template") is not None:
+            # A template file is read at each submission: keep its absolute path, so a later
+            # chdir does not lose it.
+            source = render_module.template_source(options["template"])
+            kwargs["template"] = str(source.absolute()) if isinstance(source, Path) else source
         if options.get("scheduler_options") is not None:
             value = options["scheduler_options"]
             if not isinstance(value, Mapping):
@@ -275,6 +283,11 @@ class _ClusterSettings:
         for name in ("scheduler_timeout", "poll_interval", "command_timeout", "lost_after"):
             if options.get(name) is not None:
                 kwargs[f"{name}_s"] = _seconds(name, options[name])
+        if options.get("lifetime_stagger") is not None:
+            # Read like the walltime it staggers (a bare number is minutes), as Cluster does.
+            kwargs["lifetime_stagger_s"] = parse_duration(
+                options["lifetime_stagger"], parameter="lifetime_stagger"
+            )
         return cls(**kwargs)
 
 
@@ -305,7 +318,8 @@ class BatchCluster(Cluster):
 
     It **may** override, each a small named quirk:
 
-    8. ``system_options``: the system-specific options it accepts (``pe``, ``pbs_flavor``...);
+    8. ``system_options``: its own job options, ``{name: SystemOption(default, parse)}``
+       (``pe``, ``pbs_flavor``...); templates read them as ``job.<name>``;
     9. ``submit_via_stdin``: give the script on stdin instead of as a file (LSF);
     10. ``_status_argv(ids)``: how ids are passed to the status command;
     11. ``_parse_status(stdout)``: status output -> ``{job id: [Observation, ...]}``;
@@ -315,8 +329,11 @@ class BatchCluster(Cluster):
     14. ``_classify(observation)``: native state (and exit code) -> JobState;
     15. ``stuck_states``: states in which a job stays queued but can never run (cancelled at once);
     16. ``cancel_by_name_cmd``: cancel a job by name, when its submission printed no id;
-    17. ``multi_node``: whose template fans workers out over ``nodes > 1`` (SLURM's srun);
-    18. ``default_options()``: site-dependent defaults (LSF reads ``lsf.conf``).
+    17. ``multi_node``: whether its template starts workers on every node of a ``nodes > 1``
+        job (SLURM's srun, PBS's pbsdsh, LSF's blaunch); ``multi_node_hint``: what to do
+        instead where it does not (SGE);
+    18. ``default_options()``: site-dependent defaults (LSF reads ``lsf.conf``);
+    19. ``_log_pattern(spec)``: which of the log names applies (Torque arrays differ).
 
     Parameters
     ----------
@@ -330,7 +347,8 @@ class BatchCluster(Cluster):
         run in their own batch job, write scheduler files to ``shared_directory`` and the
         cluster reads their addresses from there.
     scheduler_host
-        Address the local schedulers listen on (default: this host's name).
+        Address the local schedulers listen on (default: the IPv4 address of ``interface`` on
+        this machine when one is given, else this host's name).
     scheduler_options
         Job options for the scheduler job (``scheduler_placement="job"``), e.g.
         ``{"walltime": "24:00:00", "memory": "4GiB"}``.
@@ -351,6 +369,10 @@ class BatchCluster(Cluster):
     lost_after
         Seconds a job may be missing from the queue, with no record of how it ended, before it
         counts as FAILED (default 60).
+    lifetime_stagger
+        Drain jobs up to this much before their workers' lifetime ends, spread out so that jobs
+        started together do not all leave at once ("10m", a bare number is minutes; default: a
+        tenth of the lifetime, at most 5 minutes). Only with a ``walltime``.
     config
         Settings to use instead of the config files and environment (for tests).
 
@@ -374,12 +396,13 @@ class BatchCluster(Cluster):
     log_name: ClassVar[str]
     array_log_name: ClassVar[str]
     # Quirks with defaults.
-    system_options: ClassVar[tuple[str, ...]] = ()
+    system_options: ClassVar[Mapping[str, SystemOption]] = {}
     submit_via_stdin: ClassVar[bool] = False
     unknown_id_pattern: ClassVar[str | None] = None
     stuck_states: ClassVar[frozenset[str]] = frozenset()
     cancel_by_name_cmd: ClassVar[tuple[str, ...] | None] = None
     multi_node: ClassVar[bool] = False
+    multi_node_hint: ClassVar[str] = ""
     max_ids_per_command: ClassVar[int] = 200
 
     _job_id_re: ClassVar[re.Pattern[str]]
@@ -406,9 +429,13 @@ class BatchCluster(Cluster):
         bad = {k: v for k, v in cls.states.items() if not isinstance(v, JobState)}
         if bad:
             raise TypeError(f"{cls.__name__}.states maps {bad} to something not a JobState")
-        unknown = set(cls.system_options) - set(JobSpec.SYSTEM_OPTIONS)
-        if unknown:
-            raise TypeError(f"{cls.__name__}.system_options has unknown {sorted(unknown)}")
+        for name, option in cls.system_options.items():
+            if not isinstance(option, SystemOption):
+                raise TypeError(f"{cls.__name__}.system_options[{name!r}] is not a SystemOption")
+            taken = set(JobSpec.COMMON_OPTIONS) | set(CLUSTER_OPTIONS) | set(vars(JobSpec))
+            if name in taken:
+                raise TypeError(f"{cls.__name__}.system_options[{name!r}] is a common option")
+        declare_system_options(cls.system_options)
         if "system" in vars(cls):  # a site's subclass of SLURMCluster does not replace it
             _SYSTEMS[cls.system] = cls
 
@@ -426,6 +453,7 @@ class BatchCluster(Cluster):
         poll_interval: Any = None,
         command_timeout: Any = None,
         lost_after: Any = None,
+        lifetime_stagger: Any = None,
         config: Config | None = None,
         **job_options: Any,
     ) -> None:
@@ -442,6 +470,7 @@ class BatchCluster(Cluster):
             poll_interval=poll_interval,
             command_timeout=command_timeout,
             lost_after=lost_after,
+            lifetime_stagger=lifetime_stagger,
         )
         settings, options = self._merge_options(given, config)
         # Everything is validated, and the template rendered once, before anything starts.
@@ -449,6 +478,14 @@ class BatchCluster(Cluster):
         self.job_options = options
         self.spec = self._spec_from(options)
         self.scheduler_spec = self._make_scheduler_spec()
+        stagger = self.settings.lifetime_stagger_s
+        lifetime = self.spec.worker_lifetime_s
+        if stagger is not None and lifetime and stagger >= lifetime:
+            raise ValueError(
+                f"lifetime_stagger={lifetime_stagger!r} must be shorter than the workers' "
+                f"lifetime ({lifetime} s, the walltime less a margin), e.g. "
+                f"lifetime_stagger='{max(1, lifetime // 10)}s'"
+            )
         self._check_template()
         if self.spec.log_directory:  # the queues write there but do not create it
             Path(self.spec.log_directory).expanduser().mkdir(parents=True, exist_ok=True)
@@ -460,14 +497,28 @@ class BatchCluster(Cluster):
         super().__init__(
             n_schedulers=self.settings.n_schedulers,
             name=self.spec.job_name,
-            scheduler_host=self.settings.scheduler_host or _default_scheduler_host(),
+            scheduler_host=self._scheduler_host(),
             memory_limit=self.spec.worker_memory_bytes,
             lifetime=(f"{self.spec.worker_lifetime_s}s" if self.spec.worker_lifetime_s else None),
+            lifetime_stagger=f"{stagger}s" if stagger is not None and lifetime else None,
             poll_interval=f"{self.settings.poll_interval_s}s",
             # python= is the compute nodes' interpreter, in the job script; local schedulers
             # run with this one.
         )
         self._start()
+
+    def _scheduler_host(self) -> str:
+        """Where local schedulers listen: scheduler_host, else interface's address, else hostname.
+
+        With ``interface=`` the workers bind to that interface of their node; local schedulers
+        (``scheduler_placement="local"``) listen on its IPv4 address on this machine, so that
+        the whole cluster talks over it (``ib0``). A scheduler job reads ``--interface`` itself.
+        """
+        if self.settings.scheduler_host:
+            return self.settings.scheduler_host
+        if self.spec.interface and self.settings.scheduler_placement == "local":
+            return interface_address(self.spec.interface)
+        return _default_scheduler_host()
 
     # ------------------------------------------------------------------ options
     @classmethod
@@ -513,10 +564,12 @@ class BatchCluster(Cluster):
         owner = owner or cls.__name__
         spec = JobSpec.from_options(owner, options, system_options=cls.system_options)
         if spec.nodes > 1 and not cls.multi_node:
+            others = [c.__name__ for c in batch_systems().values() if c.multi_node]
             raise ValueError(
-                f"nodes={spec.nodes}: {cls.__name__} starts the workers of a job on one node; "
-                f"ask for more jobs instead, e.g. scale(jobs={spec.nodes}) or "
-                f"job_array={spec.nodes} (SLURMCluster fans out over nodes with srun)"
+                f"nodes={spec.nodes}: {cls.__name__} starts the workers of a job on one node"
+                f"{' (' + cls.multi_node_hint + ')' if cls.multi_node_hint else ''}; ask for "
+                f"one-node jobs instead, e.g. nodes=1 with scale(jobs={spec.nodes}) or "
+                f"job_array={spec.nodes} ({', '.join(others)} start workers on every node)"
             )
         return spec
 
@@ -569,9 +622,8 @@ class BatchCluster(Cluster):
             "scheduler_files": list(scheduler_files),
             "cluster_id": cluster_id,
         }
-        return render_module.render(
-            template or cls.template, context, template_dirs=template_dirs, filters=FILTERS
-        )
+        source = cls.template if template is None else render_module.template_source(template)
+        return render_module.render(source, context, template_dirs=template_dirs, filters=FILTERS)
 
     def job_script(self) -> str:
         """Return exactly the script the next job will run (only its name differs per job)."""
@@ -614,10 +666,15 @@ class BatchCluster(Cluster):
         path.write_text(script, encoding="utf-8")
         record.info.update(system=self.system, script_path=str(path))
         timeout = self.settings.command_timeout_s
-        if self.submit_via_stdin:
-            result = run_command(self.submit_cmd, stdin=script, timeout=timeout)
-        else:
-            result = run_command([*self.submit_cmd, str(path)], timeout=timeout)
+        try:
+            if self.submit_via_stdin:
+                result = run_command(self.submit_cmd, stdin=script, timeout=timeout)
+            else:
+                result = run_command([*self.submit_cmd, str(path)], timeout=timeout)
+        except CommandError as exc:
+            if exc.returncode is None:  # timed out: the queue may have taken the job anyway
+                self._cancel_by_name(record.name)
+            raise
         try:
             job_id = self.parse_job_id(result.stdout)
         except ValueError as exc:
@@ -632,9 +689,13 @@ class BatchCluster(Cluster):
 
     def _log_path(self, name: str, job_id: str, spec: JobSpec) -> str:
         """Where the template sends the job's output (the first task's, for an array)."""
-        pattern = self.array_log_name if spec.job_array > 1 else self.log_name
+        pattern = self._log_pattern(spec)
         filename = pattern.format(name=name, job_id=job_id, index=self._first_array_index(spec))
         return str(Path(spec.log_directory or os.getcwd()) / filename)
+
+    def _log_pattern(self, spec: JobSpec) -> str:
+        """``array_log_name`` for an array, else ``log_name`` (quirk: PBS's two flavours)."""
+        return self.array_log_name if spec.job_array > 1 else self.log_name
 
     def _first_array_index(self, spec: JobSpec) -> int:
         """The first array task's index as the system numbers it (quirk)."""
@@ -841,16 +902,35 @@ class BatchCluster(Cluster):
     @classmethod
     def for_system(cls, system: str) -> type[BatchCluster]:
         """The cluster class of a batch system by name (``"slurm"``, ``"sge"``, ...)."""
-        if system not in _SYSTEMS:
-            try:
-                importlib.import_module(f"jobqueue_ms.batch.{system}")
-            except ModuleNotFoundError:
-                pass
-        if system not in _SYSTEMS:
+        systems = batch_systems()
+        if system not in systems:
             raise ValueError(
-                f"system={system!r} is not a batch system; use one of slurm, sge, pbs, lsf"
+                f"system={system!r} is not a batch system; use one of {', '.join(systems)}"
             )
-        return _SYSTEMS[system]
+        return systems[system]
+
+
+def batch_systems() -> dict[str, type[BatchCluster]]:
+    """Every batch system by name, from the registry of BatchCluster subclasses.
+
+    A subclass that declares ``system`` registers itself when its class is created. The first
+    call imports every module of this package (``jobqueue_ms/batch/*.py``), so a new system is
+    one module with its class, plus its template: no list of systems to extend anywhere.
+
+    >>> sorted(batch_systems())
+    ['lsf', 'pbs', 'sge', 'slurm']
+    """
+    global _DISCOVERED
+    if not _DISCOVERED:
+        package = importlib.import_module(__package__ or "jobqueue_ms.batch")
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{package.__name__}.{module.name}")
+        _DISCOVERED = True
+    return dict(sorted(_SYSTEMS.items()))
+
+
+_DISCOVERED = False
 
 
 def render_job_script(
@@ -899,6 +979,33 @@ def render_job_script(
         else [],
         template=settings.get("template"),
         template_dirs=tuple(settings.get("template_dirs") or ()),
+    )
+
+
+def interface_address(interface: str) -> str:
+    """The IPv4 address of a network interface of this machine (``"lo"`` -> ``"127.0.0.1"``).
+
+    Raises
+    ------
+    ValueError
+        No such interface (the message lists the known ones), or it has no IPv4 address.
+    """
+    import psutil
+
+    interfaces = psutil.net_if_addrs()
+    if interface not in interfaces:
+        raise ValueError(
+            f"interface={interface!r} is not a network interface of this machine, where the "
+            f"schedulers run (scheduler_placement='local'); known interfaces: "
+            f"{', '.join(sorted(interfaces))}. Give one of them, or scheduler_host=... to "
+            "choose the schedulers' address yourself"
+        )
+    for address in interfaces[interface]:
+        if address.family == socket.AF_INET:
+            return str(address.address)
+    raise ValueError(
+        f"interface={interface!r} has no IPv4 address on this machine, where the schedulers "
+        "run; give scheduler_host=... or another interface"
     )
 
 

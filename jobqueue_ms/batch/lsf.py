@@ -6,8 +6,8 @@ from typing import Any
 
 from ..deploy.cluster import JobState
 from .base import BatchCluster, Observation
-from .spec import JobSpec
-from .units import read_lsf_unit
+from .spec import JobSpec, SystemOption, one_of
+from .units import LSF_UNITS, read_lsf_unit
 
 # bjobs(1), "JOB STATUS". Suspended jobs (PSUSP, USUSP, SSUSP) do no work, so they count as
 # pending. EXIT is refined by the exit reason (see _classify).
@@ -35,7 +35,9 @@ _RUNLIMIT_EXIT = 140
 class LSFCluster(BatchCluster):
     """Workers in LSF jobs: bsub / bjobs / bkill.
 
-    ``cores`` are ``-n`` slots on one host (``span[hosts=1]``); ``memory`` is ``-M`` in the
+    ``cores`` are ``-n`` slots on one host (``span[hosts=1]``), or with ``nodes=N > 1``
+    ``-n N*cores`` slots, ``cores`` per host (``span[ptile=cores]``), whose workers ``blaunch``
+    starts on each host; ``memory`` is ``-M`` in the
     site's ``LSF_UNIT_FOR_LIMITS`` (read from ``$LSF_ENVDIR/lsf.conf``, KB if unset; override
     with ``lsf_units=``); the walltime is ``-W HH:MM``.
 
@@ -59,7 +61,9 @@ class LSFCluster(BatchCluster):
     states = LSF_STATES
     log_name = "{name}-{job_id}.out"
     array_log_name = "{name}-{job_id}.{index}.out"
-    system_options = ("lsf_units",)
+    # LSF_UNIT_FOR_LIMITS, the unit of -M (default: from lsf.conf, see default_options).
+    system_options = {"lsf_units": SystemOption("KB", one_of(*LSF_UNITS, upper=True))}
+    multi_node = True  # lsf.sh.j2 starts the workers of every host with blaunch
     # bjobs exits 255 with "Job <123> is not found" for an unknown id, after the known ones.
     unknown_id_pattern = r"Job <\d+(\[\d+\])?> is not found"
 

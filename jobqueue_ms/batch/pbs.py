@@ -6,7 +6,7 @@ import re
 
 from ..deploy.cluster import JobState
 from .base import BatchCluster, CommandError, Observation, ended_state
-from .spec import JobSpec
+from .spec import JobSpec, SystemOption, one_of
 
 # qstat(1B) (PBS Pro) and qstat(1) (Torque), "job_state". An array job is B (begun) while any
 # subjob runs; X is an ended subjob, F an ended job (PBS Pro, with -x), C an ended job (Torque).
@@ -36,8 +36,10 @@ _UNKNOWN_JOB_EXIT = 153
 class PBSCluster(BatchCluster):
     """Workers in PBS jobs: qsub / qstat / qdel, for PBS Pro / OpenPBS or Torque.
 
-    ``pbs_flavor="pro"`` (default) asks ``-l select=1:ncpus=C:mem=M`` and numbers arrays with
-    ``-J``; ``pbs_flavor="torque"`` asks ``-l nodes=1:ppn=C,mem=M`` and uses ``-t``.
+    ``pbs_flavor="pro"`` (default) asks ``-l select=N:ncpus=C:mem=M`` (one chunk per node,
+    ``place=scatter``) and numbers arrays with ``-J``; ``pbs_flavor="torque"`` asks
+    ``-l nodes=N:ppn=C,mem=N*M`` and uses ``-t``. With ``nodes=N > 1`` the job starts
+    ``processes`` workers on each node through ``pbsdsh``.
 
     Examples
     --------
@@ -57,8 +59,12 @@ class PBSCluster(BatchCluster):
     job_id_pattern = r"^(?P<job_id>\d+(?:\[\])?(?:\.[A-Za-z0-9_.-]+)?)\s*$"
     states = PBS_STATES
     log_name = "{name}.out"
-    array_log_name = "{name}.{index}.out"
-    system_options = ("pbs_flavor",)
+    array_log_name = "{name}.{index}.out"  # PBS Pro: -o <name>.^array_index^.out
+    # Torque has no index placeholder in -o: it appends "-<index>" to the path of every subjob
+    # (job_clone() in Torque's src/server/job_func.c), so -o <name>.out gives <name>.out-0.
+    torque_array_log_name = "{name}.out-{index}"
+    system_options = {"pbs_flavor": SystemOption("pro", one_of("pro", "torque"))}
+    multi_node = True  # pbs.sh.j2 starts the workers of every node with pbsdsh
     unknown_id_pattern = r"Unknown Job Id"
 
     def _status_argv(self, ids: list[str]) -> list[str]:
@@ -120,6 +126,12 @@ class PBSCluster(BatchCluster):
 
     def _first_array_index(self, spec: JobSpec) -> int:
         return 0  # -J 0-(n-1) / -t 0-(n-1)
+
+    def _log_pattern(self, spec: JobSpec) -> str:
+        """Torque names an array task's log after the ``-o`` path, with ``-<index>`` appended."""
+        if spec.job_array > 1 and spec.pbs_flavor == "torque":
+            return self.torque_array_log_name
+        return super()._log_pattern(spec)
 
 
 def _number(job_id: str) -> str:

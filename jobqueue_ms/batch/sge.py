@@ -7,7 +7,7 @@ import re
 
 from ..deploy.cluster import JobState
 from .base import BatchCluster, CommandError, Observation, ended_state, run_command
-from .spec import JobSpec
+from .spec import JobSpec, SystemOption, names, word
 
 # qstat(1), "state": letters combine (h hold, q queued, w waiting, r running, t transferring,
 # R restarted, s/S/T suspended, E error, d deletion). Suspended jobs do no work, so they count
@@ -36,16 +36,18 @@ SGE_STATES: dict[str, JobState] = {
     "Eqw": JobState.FAILED,
     "Ehqw": JobState.FAILED,
     "EhRqw": JobState.FAILED,
-    "dr": JobState.CANCELLED,
-    "dt": JobState.CANCELLED,
-    "dRr": JobState.CANCELLED,
-    "dRt": JobState.CANCELLED,
-    "ds": JobState.CANCELLED,
-    "dS": JobState.CANCELLED,
-    "dT": JobState.CANCELLED,
-    "dRs": JobState.CANCELLED,
-    "dRS": JobState.CANCELLED,
-    "dRT": JobState.CANCELLED,
+    # d: qdel was called, but the job is still being deleted and its processes (workers) may
+    # still run; it is not finished until it leaves qstat (qacct then tells how it ended).
+    "dr": JobState.RUNNING,
+    "dt": JobState.RUNNING,
+    "dRr": JobState.RUNNING,
+    "dRt": JobState.RUNNING,
+    "ds": JobState.PENDING,
+    "dS": JobState.PENDING,
+    "dT": JobState.PENDING,
+    "dRs": JobState.PENDING,
+    "dRS": JobState.PENDING,
+    "dRT": JobState.PENDING,
     # Not printed by qstat: how qacct's record of an ended job is reported (see _classify).
     "ended": JobState.COMPLETED,
 }
@@ -59,7 +61,8 @@ _FAILED_AFTER_JOB = 100
 class SGECluster(BatchCluster):
     """Workers in Grid Engine jobs: qsub / qstat / qdel.
 
-    ``cores`` are slots of the parallel environment ``pe`` (default ``smp``) on one host, and
+    ``cores`` are slots of the parallel environment ``pe`` (default ``smp``) on one host (a job is
+    one host: ``nodes > 1`` is refused, ask for more jobs instead), and
     ``memory`` is asked per slot through ``memory_resources`` (default ``h_vmem`` and
     ``mem_free``), as Grid Engine multiplies it by the slots.
 
@@ -83,8 +86,19 @@ class SGECluster(BatchCluster):
     states = SGE_STATES
     log_name = "{name}-{job_id}.out"
     array_log_name = "{name}-{job_id}.{index}.out"
-    system_options = ("pe", "memory_resources")
+    system_options = {
+        # The parallel environment whose slots are the cores (its allocation_rule must keep
+        # them on one host, like $pe_slots).
+        "pe": SystemOption("smp", word),
+        # Complexes the memory per slot is asked through (h_vmem limits, mem_free schedules).
+        "memory_resources": SystemOption(("h_vmem", "mem_free"), names),
+    }
     stuck_states = frozenset({"Eqw", "Ehqw", "EhRqw"})
+    # Starting a worker on the other hosts of a parallel job needs qrsh -inherit and a parallel
+    # environment with control_slaves TRUE, which sites rarely set up for users: not portable.
+    multi_node_hint = (
+        "Grid Engine has no portable way to start processes on the other hosts of a parallel job"
+    )
 
     def _status_argv(self, ids: list[str]) -> list[str]:
         """qstat takes no job list (``-j`` is the long form): ask for this user's jobs."""

@@ -17,21 +17,56 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar
 
 from ..units import DURATION_FORM, MEMORY_FORM, parse_duration, parse_memory
-from .units import LSF_UNITS
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _TOKEN_RE = re.compile(r"^[^\s'\"\\;&|<>`$]+$")
 _RESOURCE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-PBS_FLAVORS = ("pro", "torque")
 LIFETIME_MARGIN_S = 300
 """Workers retire this long (at most a tenth of the walltime) before the queue's walltime kill."""
+
+
+@dataclass(frozen=True)
+class SystemOption:
+    """A job option only one batch system has, declared by its class (``pe`` for SGE).
+
+    ``parse(name, value)`` validates a given value (raising ValueError that names the option,
+    the value and the accepted form) and returns what templates see as ``job.<name>``;
+    ``default`` is used when the option is not given.
+
+    >>> flavor = SystemOption("pro", one_of("pro", "torque"))
+    >>> flavor.parse("pbs_flavor", "torque")
+    'torque'
+    """
+
+    default: Any
+    parse: Callable[[str, Any], Any]
+
+
+# Every SystemOption some BatchCluster subclass declared, by name (see BatchCluster).
+_DECLARED: dict[str, SystemOption] = {}
+
+
+def declare_system_options(options: Mapping[str, SystemOption]) -> None:
+    """Record a system's options, so that JobSpec.SYSTEM_OPTIONS lists them."""
+    for name, option in options.items():
+        _DECLARED.setdefault(name, option)
+
+
+class _DeclaredOptions:
+    """``JobSpec.SYSTEM_OPTIONS``: the names of every system-specific option of every system."""
+
+    def __get__(self, obj: object, owner: type | None = None) -> tuple[str, ...]:
+        from .base import batch_systems  # the systems declare their options as they load
+
+        batch_systems()
+        return tuple(sorted(_DECLARED))
 
 
 @dataclass(frozen=True)
@@ -41,6 +76,10 @@ class JobSpec:
     ``cores`` and ``memory_bytes`` are per node; a job asks for ``nodes`` of them and starts
     ``processes`` workers on each, each with ``cores // processes`` threads. With ``job_array=n``
     one submission holds n array tasks, each such a job.
+
+    A system's own options (SGE's ``pe``, PBS's ``pbs_flavor``...) are declared by its cluster
+    class as :class:`SystemOption`; their values are in ``system_values`` and read as
+    attributes like the others (``spec.pe``, ``{{ job.pe }}`` in a template).
     """
 
     cores: int
@@ -64,11 +103,8 @@ class JobSpec:
     resources: tuple[tuple[str, float], ...] = ()
     job_array: int = 1
     shebang: str = "#!/usr/bin/env bash"
-    # System-specific choices; a cluster class accepts only the ones it lists in `system_options`.
-    pe: str = "smp"
-    memory_resources: tuple[str, ...] = ("h_vmem", "mem_free")
-    pbs_flavor: str = "pro"
-    lsf_units: str = "KB"
+    # The values of the options the system's class declares, (name, value) in name order.
+    system_values: tuple[tuple[str, Any], ...] = ()
 
     COMMON_OPTIONS: ClassVar[tuple[str, ...]] = (
         "cores",
@@ -94,12 +130,15 @@ class JobSpec:
         "job_array",
         "shebang",
     )
-    SYSTEM_OPTIONS: ClassVar[tuple[str, ...]] = (
-        "pe",
-        "memory_resources",
-        "pbs_flavor",
-        "lsf_units",
-    )
+    SYSTEM_OPTIONS = _DeclaredOptions()
+
+    def __getattr__(self, name: str) -> Any:
+        """Return a system option's value, as an attribute (``spec.pe``)."""
+        if not name.startswith("__"):
+            for key, value in object.__getattribute__(self, "system_values"):
+                if key == name:
+                    return value
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- derived numbers (what the templates use) ------------------------------------------------
     @property
@@ -154,7 +193,7 @@ class JobSpec:
         owner: str,
         options: Mapping[str, Any],
         *,
-        system_options: Iterable[str] = (),
+        system_options: Mapping[str, SystemOption] | None = None,
     ) -> JobSpec:
         """Validate human options (``memory="16GB"``) into a JobSpec, or raise naming what is wrong.
 
@@ -165,7 +204,8 @@ class JobSpec:
         options
             Keyword options after config-file and environment merging.
         system_options
-            The system-specific options ``owner`` accepts (``pe``, ``pbs_flavor``...).
+            The system-specific options ``owner`` accepts (``pe``, ``pbs_flavor``...), as its
+            class declares them.
 
         Raises
         ------
@@ -174,6 +214,7 @@ class JobSpec:
         ValueError
             A value that is out of range or not in the accepted form.
         """
+        system_options = dict(system_options or {})
         allowed = set(cls.COMMON_OPTIONS) | set(system_options)
         unknown = sorted(set(options) - allowed)
         if unknown:
@@ -227,16 +268,11 @@ class JobSpec:
             kwargs["resources"] = _resources(opts.pop("resources"))
         if opts.get("shebang") is not None:
             kwargs["shebang"] = _shebang(opts.pop("shebang"))
-        if opts.get("pe") is not None:
-            kwargs["pe"] = _token("pe", opts.pop("pe"))
-        if opts.get("memory_resources") is not None:
-            kwargs["memory_resources"] = _memory_resources(opts.pop("memory_resources"))
-        if opts.get("pbs_flavor") is not None:
-            kwargs["pbs_flavor"] = _choice("pbs_flavor", opts.pop("pbs_flavor"), PBS_FLAVORS)
-        if opts.get("lsf_units") is not None:
-            kwargs["lsf_units"] = _choice(
-                "lsf_units", str(opts.pop("lsf_units")).upper(), tuple(LSF_UNITS)
-            )
+        values = []
+        for name, option in sorted(system_options.items()):
+            value = opts.pop(name, None)
+            values.append((name, option.default if value is None else option.parse(name, value)))
+        kwargs["system_values"] = tuple(values)
         spec = cls(**kwargs)
         spec._check_consistency()
         return spec
@@ -287,10 +323,17 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _count(name: str, value: Any) -> int:
-    """An int >= 0."""
-    if value in (0, "0"):
-        return 0
-    return _positive_int(name, value)
+    """An int >= 0 (a bool or a float with a fraction is refused)."""
+    form = "use 0 or a positive integer like 2"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name}={value!r} is not a whole number; {form}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number; {form}") from None
+    if number < 0:
+        raise ValueError(f"{name}={value!r} must be 0 or more; {form}")
+    return number
 
 
 def _memory(name: str, value: Any) -> int:
@@ -405,22 +448,33 @@ def _shebang(value: Any) -> str:
     return text
 
 
-def _memory_resources(value: Any) -> tuple[str, ...]:
-    """SGE complex names for memory, like ('h_vmem', 'mem_free'); may be empty."""
+def word(name: str, value: Any) -> str:
+    """Validate one word that is safe in a directive line (a :class:`SystemOption` parser)."""
+    text = _token(name, value)
+    assert text is not None
+    return text
+
+
+def one_of(*choices: str, upper: bool = False) -> Callable[[str, Any], str]:
+    """Return a :class:`SystemOption` parser accepting one of ``choices`` (upper-cased first)."""
+
+    def parse(name: str, value: Any) -> str:
+        text = str(value).upper() if upper else value
+        if text not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+        return str(text)
+
+    return parse
+
+
+def names(name: str, value: Any) -> tuple[str, ...]:
+    """Validate resource names, as a list or ``"a,b"`` (a :class:`SystemOption` parser)."""
     if isinstance(value, str):
         value = [part for part in value.replace(",", " ").split() if part]
-    items = _lines("memory_resources", value, single_line=True)
+    items = _lines(name, value, single_line=True)
     for item in items:
         if not _RESOURCE_RE.match(item):
             raise ValueError(
-                f"memory_resources holds {item!r}; "
-                "use SGE complex names like ['h_vmem', 'mem_free']"
+                f"{name} holds {item!r}; use resource names like ['h_vmem', 'mem_free']"
             )
     return items
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """One of a fixed set of words."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-    return str(value)

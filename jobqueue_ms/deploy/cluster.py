@@ -145,6 +145,8 @@ class Cluster:
     poll_interval_s: float = 1.0
     retire_timeout_s: float = 60.0
     max_start_failures: int = 3
+    # While adapting: the Adaptive's max_start_failures, which then governs (see adapt()).
+    _adapt_failure_limit: int | None = None
 
     def __init__(
         self,
@@ -341,11 +343,13 @@ class Cluster:
     def scale_down(self, names: Sequence[str]) -> None:
         """Retire these workers or jobs gracefully (their work finishes or moves first).
 
+        A job name (or native id) retires the whole job; a worker name retires only that worker,
+        and its job goes on with its other workers (it ends, normally, once the last one left).
         Stops adaptive scaling (see ``scale``); the jobs left are kept.
         """
         self._stop_adaptive("scale_down()")
+        self._scale_down(names)
         with self._lock:
-            self._scale_down(names)
             self._target = len(self._live_jobs())
 
     def _scale_up(self, n: int) -> None:
@@ -363,15 +367,23 @@ class Cluster:
         """Retire these jobs or workers (the adaptive policy's call)."""
         if isinstance(names, str):
             raise TypeError(f"names={names!r} must be a list of job or worker names")
+        # Ask the schedulers first (outside the lock): a job whose workers registered since the
+        # last snapshot is retired gracefully, not cancelled with its work.
+        self._note_workers(self.scheduler_info(max_age=0))
         with self._lock:
-            for r in self._records_for(names):
-                self._retire(r)
+            for r, workers in self._records_for(names):
+                if workers is None:
+                    self._retire(r)
+                else:
+                    self._retire_workers(r, workers)
 
     def adapt(self, **kwargs: Any) -> Any:
         """Scale automatically; see ``jobqueue_ms.adaptive.Adaptive`` for the options.
 
         Replaces a running ``Adaptive`` and forgets earlier failed starts (call it again once a
         job script is fixed). A manual ``scale()``, ``scale_up()`` or ``scale_down()`` stops it.
+        While it adapts, its ``max_start_failures`` is the cluster's limit too, so the cluster
+        stops submitting exactly when adaptive scaling stops with an ``AdaptiveError``.
         """
         from ..adaptive import Adaptive
 
@@ -379,14 +391,26 @@ class Cluster:
         with self._lock:
             if self._closed:
                 raise ClusterError(f"{self.name} is closed; make a new cluster to adapt")
+        autostart = kwargs.pop("autostart", True)
+        adaptive = Adaptive(_AdaptiveSeam(self), autostart=False, **kwargs)
+        with self._lock:
             self._target = None  # the policy decides now, replacements included
             self.start_failures = 0
             self.error = None
-        self._adaptive = Adaptive(_AdaptiveSeam(self), **kwargs)
-        return self._adaptive
+            self._adapt_failure_limit = adaptive.max_start_failures
+        self._adaptive = adaptive
+        if autostart:
+            adaptive.start()
+        return adaptive
+
+    @property
+    def _failure_limit(self) -> int:
+        """Failed starts in a row after which the cluster stops submitting (one limit)."""
+        return self._adapt_failure_limit or self.max_start_failures
 
     def _stop_adaptive(self, why: str | None) -> None:
         adaptive, self._adaptive = self._adaptive, None
+        self._adapt_failure_limit = None
         if adaptive is not None and adaptive.running:
             if why:
                 log.info("%s: %s stops adaptive scaling; call adapt() to resume", self.name, why)
@@ -399,15 +423,24 @@ class Cluster:
             if not r.state.finished and r.retiring_since is None and not r.cancel_requested
         ]
 
-    def _records_for(self, names: Sequence[str]) -> list[JobRecord]:
-        out = []
+    def _records_for(self, names: Sequence[str]) -> list[tuple[JobRecord, list[str] | None]]:
+        """Return the jobs these names retire, each whole or by some of its workers.
+
+        ``(record, None)`` for a job named by its name or native id, ``(record, [worker, ...])``
+        for single workers of a job; a job named whole is not also retired worker by worker.
+        """
+        whole: dict[str, JobRecord] = {}
+        single: dict[str, tuple[JobRecord, list[str]]] = {}
         by_worker = {w: r for r in self.jobs.values() for w in r.worker_names}
         for n in names:
-            r = self.jobs.get(n) or by_worker.get(n)
-            if r is None:
-                r = next((x for x in self.jobs.values() if x.job_id == n), None)
-            if r is not None and r not in out:
-                out.append(r)
+            r = self.jobs.get(n) or next((x for x in self.jobs.values() if x.job_id == n), None)
+            if r is not None:
+                whole[r.name] = r
+            elif n in by_worker:
+                r = by_worker[n]
+                single.setdefault(r.name, (r, []))[1].append(n)
+        out: list[tuple[JobRecord, list[str] | None]] = [(r, None) for r in whole.values()]
+        out += [(r, workers) for name, (r, workers) in single.items() if name not in whole]
         return out
 
     def _reconcile(self) -> None:
@@ -417,7 +450,7 @@ class Cluster:
         live = self._live_jobs()
         missing = self._target - len(live)
         if missing > 0:
-            if self.start_failures >= self.max_start_failures:
+            if self.start_failures >= self._failure_limit:
                 return
             for _ in range(missing):
                 self._submit_one()
@@ -455,7 +488,9 @@ class Cluster:
         if r.state.finished or r.retiring_since is not None:
             return
         r.retiring_since = time.monotonic()
-        if r.state == JobState.PENDING or not r.workers_seen:
+        # A job none of whose workers ever registered has no work to lose: cancel it. One whose
+        # workers registered drains first, whatever state the queue last reported.
+        if not r.workers_seen:
             r.cancel_requested = True
             self._cancel([r])
         else:
@@ -466,12 +501,32 @@ class Cluster:
                 r.cancel_requested = True
                 self._cancel([r])
 
+    def _retire_workers(self, r: JobRecord, workers: list[str]) -> None:
+        """Retire single workers of a running job; its last worker retires the whole job."""
+        if r.state.finished or r.retiring_since is not None:
+            return
+        retired = set(r.info.get("retired_workers", ())) | set(workers)
+        if retired >= set(r.worker_names):
+            self._retire(r)  # nothing of the job would be left working
+            return
+        if not r.workers_seen:
+            # A job in the queue cannot give back part of itself: it is kept whole (a policy
+            # removes queued jobs by their job name).
+            log.warning("%s: workers %s have not started; keeping their job", self.name, workers)
+            return
+        try:
+            self._admin.retire_workers(list(workers))
+        except Exception as exc:  # noqa: BLE001 - the job keeps running; retry on a later call
+            log.warning("could not retire workers %s of %s: %s", workers, r.name, exc)
+            return
+        r.info["retired_workers"] = sorted(retired)
+
     def _raise_if_failed(self) -> None:
         if self.error:
             raise ClusterError(self.error)
 
     def _check_failures(self, record: JobRecord) -> None:
-        if self.start_failures >= self.max_start_failures and not self.error:
+        if self.start_failures >= self._failure_limit and not self.error:
             self.error = (
                 f"{self.start_failures} jobs in a row failed before any worker connected; "
                 f"not submitting more. Last job {record.name} ({record.job_id or 'not submitted'})"
@@ -543,13 +598,23 @@ class Cluster:
                 if w.get("lifetime_end") is not None:
                     end = float(w["lifetime_end"])
                     lifetime_ends[job] = min(end, lifetime_ends.get(job, end))
+        now = time.time()
         with self._lock:
             for job in seen:
                 r = self.jobs.get(job)
-                if r is not None and not r.workers_seen:
+                if r is None:
+                    continue
+                if not r.workers_seen:
                     r.workers_seen = True
-                    self.start_failures = 0  # a job started: earlier failures were not in a row
-                if r is not None and job in lifetime_ends:
+                    if not self.error:  # once stopped, the count that stopped it stays
+                        self.start_failures = 0  # a job started: the failures were not in a row
+                if r.state == JobState.PENDING:
+                    # Its workers registered, so it runs, whatever the last poll (up to
+                    # poll_interval ago) said: the policy must not take it for an idle queued job.
+                    r.state = JobState.RUNNING
+                    if r.started_at is None:
+                        r.started_at = now
+                if job in lifetime_ends:
                     r.info["lifetime_end"] = lifetime_ends[job]
         return seen, lifetime_ends
 

@@ -148,6 +148,21 @@ def environment(
     return env
 
 
+def template_source(template: str | os.PathLike[str]) -> str | Path:
+    """Read a user's ``template=`` choice: a template file (a Path) or a template name (a str).
+
+    An existing file wins, so ``template="mine.sh.j2"`` with that file in the current directory
+    is the file, not a template of that name. A path-like value, or text with a path separator
+    or a leading ``~``, is a file path even when missing (``render`` then says so). Anything
+    else is a name looked up in the template directories and the built-ins.
+    """
+    if isinstance(template, os.PathLike):
+        return Path(template).expanduser()
+    if os.sep in template or template.startswith("~") or Path(template).is_file():
+        return Path(template).expanduser()
+    return template
+
+
 def render(
     template: str | os.PathLike[str],
     context: Mapping[str, Any],
@@ -161,7 +176,9 @@ def render(
     ----------
     template
         A template name looked up in ``template_dirs`` then the built-ins, or the path of a
-        template file: anything with a path separator (``./mine.sh.j2``) or starting with ``~``.
+        template file: a ``Path``, or text with a path separator (``./mine.sh.j2``) or starting
+        with ``~``. A user's choice goes through :func:`template_source` first, so that an
+        existing file without a separator (``mine.sh.j2``) is read as a file too.
     context
         The variables the template sees.
     template_dirs
@@ -179,7 +196,7 @@ def render(
     search_path = tuple(str(Path(d).expanduser()) for d in template_dirs)
     env = environment(search_path, tuple(sorted((filters or {}).items())))
     text = os.fspath(template)
-    if os.sep in text or text.startswith("~"):
+    if isinstance(template, os.PathLike) or os.sep in text or text.startswith("~"):
         path = Path(text).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"template={text!r}: no such template file")
