@@ -1,54 +1,61 @@
-"""Render ssh.sh.j2 through SSHCluster itself, for the golden files of tests/golden/ssh/.
-
-An SSHCluster whose schedulers are given (its ``_start_schedulers`` hook returns fixed
-addresses) reaches no host, so ``job_script()`` renders exactly what SSHCluster would run there.
-test_batch_templates.py uses this module, and test_batch_wheel.py copies it next to the installed
-wheel's interpreter to render the same cases from there.
-"""
+"""The golden cases of ssh.sh.j2 (tests/golden/ssh/<role>/<case>.sh), shared by test_ssh.py and
+test_batch_wheel.py (which copies this file next to an installed wheel to render them there)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-from jobqueue_ms.deploy.ssh import SSHCluster
+from jobqueue_ms.deploy.ssh import render_script
 
-# (case) -> SSHCluster options; the host is an address, so `ssh -G` keeps it as it is.
-SSH_CASES: dict[str, dict[str, Any]] = {
-    "basic": {"workers_per_host": 2, "threads_per_worker": 4, "memory_limit": "4GiB"},
-    "full": {
-        "workers_per_host": 1,
-        "threads_per_worker": 8,
-        "memory_limit": "16GB",
-        "prologue": ["source /opt/venv/bin/activate", "module load gcc"],
-        "env": {"OMP_NUM_THREADS": "1", "SITE_NOTE": "a b"},
-        "lifetime": "1h",
-        "remote_directory": "/scratch/jqms",
-    },
+GOLDEN = Path(__file__).parent / "golden" / "ssh"
+UPDATE = os.environ.get("UPDATE_GOLDENS") == "1"
+PY = "/opt/venv/bin/python"
+SCHED = ["tcp://10.0.0.1:40001", "tcp://10.0.0.2:40002"]
+
+
+def _worker_argv(name: str, i: int, address: str) -> list[str]:
+    argv = [PY, "-m", "jobqueue_ms", "worker"]
+    for a in SCHED:
+        argv += ["--scheduler", a]
+    return [*argv, "--nthreads", "2", "--name", f"{name}-{i}", "--job", name, "--host", address]
+
+
+GOLDEN_CASES: dict[tuple[str, str], dict[str, Any]] = {
+    ("worker", "basic"): dict(
+        role="worker",
+        name="jqms-ab12-1",
+        host="node1",
+        address="10.0.0.1",
+        processes=[_worker_argv("jqms-ab12-1", i, "10.0.0.1") for i in range(2)],
+        exit_file="/tmp/jqms-ab12/jqms-ab12-1.exit",
+    ),
+    ("worker", "prologue-env"): dict(
+        role="worker",
+        name="jqms-ab12-2",
+        host="me@vm1",
+        address="192.168.7.5",
+        processes=[_worker_argv("jqms-ab12-2", 0, "192.168.7.5")],
+        exit_file="/scratch/me dir/jqms-ab12/jqms-ab12-2.exit",
+        prologue=["module load gcc/12", "source /opt/venv/bin/activate"],
+        env={"OMP_NUM_THREADS": "1", "TRICKY": "it's $HOME"},
+    ),
+    ("scheduler", "basic"): dict(
+        role="scheduler",
+        name="scheduler-0",
+        host="node1",
+        address="10.0.0.1",
+        processes=[
+            [PY, "-m", "jobqueue_ms", "scheduler", "--host", "10.0.0.1", "--port", "0"]
+            + ["--scheduler-file", "/tmp/jqms-ab12/scheduler-0.json", "--cluster-id", "ab12"]
+        ],
+        exit_file="/tmp/jqms-ab12/scheduler-0.exit",
+        prologue=["module load gcc/12"],
+    ),
 }
 
 
-class GivenSchedulersSSHCluster(SSHCluster):
-    """An SSHCluster whose schedulers already run at ``addresses`` (nothing is started)."""
-
-    def __init__(self, addresses: list[str], **options: Any) -> None:
-        self._given_addresses = list(addresses)
-        super().__init__(**options)
-
-    def _start_schedulers(self) -> list[str]:
-        return list(self._given_addresses)
-
-
-def render_ssh_case(case: str, addresses: list[str], python: str) -> str:
-    """The script of SSH golden ``case``, as SSHCluster.job_script() renders it."""
-    cluster = GivenSchedulersSSHCluster(
-        addresses,
-        hosts=["10.1.0.7"],
-        python=python,
-        name="jqms-golden",
-        poll_interval=3600,  # the sync loop never asks the (absent) schedulers
-        **SSH_CASES[case],
-    )
-    try:
-        return cluster.job_script()
-    finally:
-        cluster.close()
+def render_case(role: str, case: str) -> str:
+    """The script of SSH golden ``(role, case)``, rendered as SSHCluster renders it."""
+    return render_script(**GOLDEN_CASES[role, case])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from ssh_golden import SSH_CASES, render_ssh_case
 
 from jobqueue_ms.batch.base import batch_systems, render_job_script
 from jobqueue_ms.batch.units import FILTERS
@@ -142,30 +141,18 @@ def test_every_golden_is_valid_bash():
         assert proc.returncode == 0, f"{path}: {proc.stderr}"
 
 
-@pytest.mark.skipif(shutil.which("ssh") is None, reason="SSHCluster needs the OpenSSH client")
-@pytest.mark.parametrize("case", sorted(SSH_CASES))
-def test_ssh_golden(case):
-    """ssh.sh.j2 as SSHCluster renders it (tests/ssh_golden.py), byte for byte."""
-    rendered = render_ssh_case(case, ADDRESSES, PY)
-    path = GOLDEN / "ssh" / f"{case}.sh"
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(rendered)
-    assert path.read_text() == rendered, f"{path} differs; run scripts/update-goldens to review"
-
-
 def test_every_golden_file_has_a_case_and_every_template_a_golden():
-    """Batch goldens here, SSH goldens here too, `jobqueue-ms submit` ones in test_submit.py."""
+    """Batch goldens here, SSH ones in test_ssh.py, `jobqueue-ms submit` ones in test_submit.py."""
     if UPDATE:
         pytest.skip("scripts/update-goldens is rewriting the goldens (test_submit.py's later)")
     from test_submit import CASES as SUBMIT_CASES
     from test_submit import GOLDEN as SUBMIT_GOLDEN
 
     on_disk = {(p.parent.name, p.stem) for p in GOLDEN.glob("*/*.sh")}
-    assert on_disk == set(CASES) | {("ssh", case) for case in SSH_CASES}
+    assert on_disk == set(CASES)
     assert {system for system, _ in CASES} == set(batch_systems())
     # Every template someone runs has golden files: <system>.sh.j2 here, mpi-<system>.sh.j2 in
-    # golden/submit/<system>/, ssh.sh.j2 in golden/ssh/; the bases are extended by all of them.
+    # golden/submit/<system>/, ssh.sh.j2 in golden/ssh/<role>/; the bases are extended by all.
     golden_dirs = {
         **{f"{system}.sh.j2": GOLDEN / system for system, _ in CASES},
         **{f"mpi-{system}.sh.j2": SUBMIT_GOLDEN / system for system, _ in SUBMIT_CASES},
@@ -174,7 +161,7 @@ def test_every_golden_file_has_a_case_and_every_template_a_golden():
     bases = {"base.sh.j2", "mpi-base.sh.j2"}
     assert set(builtin_templates()) == set(golden_dirs) | bases
     for template, directory in golden_dirs.items():
-        assert any(directory.glob("*.sh")), f"{template} has no golden file in {directory}"
+        assert any(directory.rglob("*.sh")), f"{template} has no golden file in {directory}"
 
 
 def test_a_typo_in_a_template_fails_instead_of_printing_nothing(tmp_path):

@@ -9,8 +9,8 @@ that render them in use, comparing with the golden files byte for byte:
   <system>.sh.j2);
 * the ``jobqueue-ms submit --dry-run`` scripts of test_submit.py (mpi-base.sh.j2 and
   mpi-<system>.sh.j2), through the CLI as that test runs it;
-* the SSH job scripts (ssh.sh.j2), through ``SSHCluster.job_script()`` (tests/ssh_golden.py,
-  copied next to the script).
+* the SSH launch scripts (ssh.sh.j2), through ``render_script`` as SSHCluster calls it
+  (the cases of tests/ssh_golden.py, copied next to the script).
 
 Every template the package ships must have been rendered by at least one case.
 """
@@ -28,7 +28,8 @@ import venv
 from pathlib import Path
 
 import pytest
-from ssh_golden import SSH_CASES
+from ssh_golden import GOLDEN as SSH_GOLDEN
+from ssh_golden import GOLDEN_CASES as SSH_CASES
 from test_batch_templates import ADDRESSES, CASES, GOLDEN, PY, case_kwargs
 from test_submit import CASES as SUBMIT_CASES
 from test_submit import COMMON as SUBMIT_COMMON
@@ -47,7 +48,7 @@ RENDER_ALL = textwrap.dedent(
     from jobqueue_ms.cli import main
     from jobqueue_ms.config import Config, get_config
     from jobqueue_ms.deploy.render import builtin_template_dir, builtin_templates
-    from ssh_golden import render_ssh_case
+    from ssh_golden import render_case
 
     cases_path, out_path = (os.path.abspath(path) for path in sys.argv[1:3])
     cases = json.load(open(cases_path))
@@ -64,8 +65,8 @@ RENDER_ALL = textwrap.dedent(
             result = CliRunner().invoke(main, ["submit", "--system", system, *args])
             assert result.exit_code == 0, (key, result.output)
             scripts[key] = result.stdout.replace(os.path.realpath(work), cases["project"])
-    for key, case in cases["ssh"].items():
-        scripts[key] = render_ssh_case(case, cases["addresses"], cases["python"])
+    for key, (role, case) in cases["ssh"].items():
+        scripts[key] = render_case(role, case)
     out = {
         "package": jobqueue_ms.__file__,
         "template_dir": str(builtin_template_dir()),
@@ -85,7 +86,7 @@ def render_all(python: Path, tmp_path: Path) -> dict:
             f"submit/{s}/{c}": (s, [*SUBMIT_COMMON, *args, "--dry-run", "work.py", *SCRIPT_ARGS])
             for (s, c), args in SUBMIT_CASES.items()
         },
-        "ssh": {f"ssh/{case}": case for case in SSH_CASES},
+        "ssh": {f"ssh/{role}/{case}": (role, case) for role, case in SSH_CASES},
         "project": PROJECT,
         "addresses": ADDRESSES,
         "python": PY,
@@ -104,8 +105,13 @@ def render_all(python: Path, tmp_path: Path) -> dict:
     out = json.loads((tmp_path / "out.json").read_text())
     assert set(out["scripts"]) == {*cases["batch"], *cases["submit"], *cases["ssh"]}
     for key, script in out["scripts"].items():
-        golden = SUBMIT_GOLDEN.parent / f"{key}.sh" if key.startswith("submit/") else None
-        assert script == (golden or GOLDEN / f"{key}.sh").read_text(), key
+        if key.startswith("submit/"):
+            golden = SUBMIT_GOLDEN.parent / f"{key}.sh"
+        elif key.startswith("ssh/"):
+            golden = SSH_GOLDEN.parent / f"{key}.sh"
+        else:
+            golden = GOLDEN / f"{key}.sh"
+        assert script == golden.read_text(), key
     # Every template shipped was rendered: each system's by its cases, the bases by all.
     rendered = {f"{s}.sh.j2" for s, _ in CASES} | {f"mpi-{s}.sh.j2" for s, _ in SUBMIT_CASES}
     rendered |= {"ssh.sh.j2", "base.sh.j2", "mpi-base.sh.j2"}

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 from helpers import wait_until
+from ssh_golden import GOLDEN, GOLDEN_CASES, UPDATE, render_case
 from sshd import SSHHosts, start_hosts, stop_hosts, why_not_available
 
 from jobqueue_ms import Client
@@ -38,7 +39,6 @@ from jobqueue_ms.deploy.ssh import (
     parse_hosts,
     place_job,
     remote_stdin,
-    render_script,
     scheduler_placement,
 )
 
@@ -465,61 +465,15 @@ def test_the_remote_command_survives_any_login_shell(shell, tmp_path):
 
 # ============================================================================ goldens
 
-GOLDEN = Path(__file__).parent / "golden" / "ssh"
-UPDATE = os.environ.get("UPDATE_GOLDENS") == "1"
-PY = "/opt/venv/bin/python"
-SCHED = ["tcp://10.0.0.1:40001", "tcp://10.0.0.2:40002"]
-
-
-def _worker_argv(name: str, i: int, address: str) -> list[str]:
-    argv = [PY, "-m", "jobqueue_ms", "worker"]
-    for a in SCHED:
-        argv += ["--scheduler", a]
-    return [*argv, "--nthreads", "2", "--name", f"{name}-{i}", "--job", name, "--host", address]
-
-
-GOLDEN_CASES: dict[tuple[str, str], dict[str, Any]] = {
-    ("worker", "basic"): dict(
-        role="worker",
-        name="jqms-ab12-1",
-        host="node1",
-        address="10.0.0.1",
-        processes=[_worker_argv("jqms-ab12-1", i, "10.0.0.1") for i in range(2)],
-        exit_file="/tmp/jqms-ab12/jqms-ab12-1.exit",
-    ),
-    ("worker", "prologue-env"): dict(
-        role="worker",
-        name="jqms-ab12-2",
-        host="me@vm1",
-        address="192.168.7.5",
-        processes=[_worker_argv("jqms-ab12-2", 0, "192.168.7.5")],
-        exit_file="/scratch/me dir/jqms-ab12/jqms-ab12-2.exit",
-        prologue=["module load gcc/12", "source /opt/venv/bin/activate"],
-        env={"OMP_NUM_THREADS": "1", "TRICKY": "it's $HOME"},
-    ),
-    ("scheduler", "basic"): dict(
-        role="scheduler",
-        name="scheduler-0",
-        host="node1",
-        address="10.0.0.1",
-        processes=[
-            [PY, "-m", "jobqueue_ms", "scheduler", "--host", "10.0.0.1", "--port", "0"]
-            + ["--scheduler-file", "/tmp/jqms-ab12/scheduler-0.json", "--cluster-id", "ab12"]
-        ],
-        exit_file="/tmp/jqms-ab12/scheduler-0.exit",
-        prologue=["module load gcc/12"],
-    ),
-}
-
 
 @pytest.mark.parametrize(("role", "case"), sorted(GOLDEN_CASES), ids="/".join)
 def test_ssh_template_golden(role, case):
-    rendered = render_script(**GOLDEN_CASES[role, case])
+    rendered = render_case(role, case)
     path = GOLDEN / role / f"{case}.sh"
     if UPDATE:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(rendered)
-    assert path.read_text() == rendered, f"{path} differs; rerun with UPDATE_GOLDENS=1 to review"
+    assert path.read_text() == rendered, f"{path} differs; run scripts/update-goldens to review"
     subprocess.run(["bash", "-n"], input=rendered, text=True, check=True)
 
 
