@@ -156,6 +156,65 @@ def test_cancel_pending_tasks(client: Client) -> None:
     assert client.gather(blockers) == list(range(8))
 
 
+def test_cancelled_tasks_queued_on_a_worker_do_not_run(tmp_path: Path) -> None:
+    """Tasks a worker prefetched and has not started are dropped there when cancelled."""
+    log = tmp_path / "ran"
+    with LocalCluster(n_schedulers=1, n_workers=1) as cluster, Client(cluster) as client:
+        cluster.wait_for_workers(1)
+        # tiny tasks first: the worker's prefetch grows to hundreds of slots
+        client.gather(client.submit_many(inc, range(2000)))
+        futures = client.submit_many(record_and_return, [(str(log), i, 0.05) for i in range(400)])
+        wait_until(log.exists, timeout=30)
+        for f in futures:
+            f.cancel()
+        del futures  # the finished ones are released too
+        assert client.submit(inc, 1).result(timeout=30) == 2  # ran after the drop, in order
+
+        def forgotten() -> bool:
+            return cluster.scheduler_info(max_age=0)[0]["tasks_total"] == 0
+
+        wait_until(forgotten, timeout=30)
+        ran = len(log.read_text().split())
+    # what had started when the cancel arrived, not the 400 (nor the ~200 prefetched)
+    assert ran < 50, f"{ran} of 400 cancelled tasks ran"
+
+
+def test_slots_parked_at_a_scheduler_whose_work_vanished_are_reclaimed(tmp_path: Path) -> None:
+    """A worker keeps its slots where the work is, even when work vanishes without dispatch.
+
+    A client of scheduler B dies with B's queue full; B drops its tasks. The worker, which had
+    leased its slots to B for them, must learn that B has nothing left and lease them to A
+    (it used to keep them parked at B forever, and A's tasks never ran).
+    """
+    script = tmp_path / "c.py"
+    script.write_text(
+        "import sys, time\nfrom jobqueue_ms import Client\n"
+        "c = Client(sys.argv[1])\n"
+        "fs = c.submit_many(time.sleep, [(0.05,)] * 2000)\n"
+        "print('submitted', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    with LocalCluster(n_schedulers=2, n_workers=1, threads_per_worker=2) as cluster:
+        cluster.wait_for_workers(1)
+        a, b = cluster.scheduler_addresses
+
+        def tasks_on_b() -> int:
+            info = [i for i in cluster.scheduler_info(max_age=0) if i["address"] == b]
+            return int(info[0]["tasks_total"])
+
+        proc = subprocess.Popen([sys.executable, str(script), b], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
+            wait_until(lambda: tasks_on_b() > 100, timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
+        wait_until(lambda: tasks_on_b() == 0, timeout=30, message="B dropping its dead client")
+        with Client(a) as ca:
+            assert ca.gather(ca.submit_many(inc, range(600)), errors="raise") == list(range(1, 601))
+
+
 def test_retries_rerun_a_failing_task(client: Client, tmp_path: Path) -> None:
     marker = tmp_path / "attempts"
 

@@ -119,5 +119,12 @@ def _stop_on_signals(worker: Any) -> None:
     def stop(signum: int, _frame: Any) -> None:
         worker.stop()
 
+    def dump(signum: int, _frame: Any) -> None:
+        import json
+
+        print(f"jobqueue-ms worker state: {json.dumps(worker.debug_state())}", file=sys.stderr)
+        sys.stderr.flush()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, dump)

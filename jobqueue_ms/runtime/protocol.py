@@ -44,6 +44,7 @@ class Kind:
     RETURNED = b"returned"  # scheduler -> worker: slots given back after a revoke
     HAVE_WORK = b"havework"  # scheduler -> worker: ready tasks but no lease from you
     TASKS = b"tasks"  # scheduler -> worker: run these (consumes leased slots)
+    DROP = b"drop"  # scheduler -> worker: do not start these queued tasks (cancelled, orphaned)
     STARTED = b"started"  # worker -> scheduler: these tasks began running
     DONE = b"done"  # worker -> scheduler: these tasks finished (results or errors)
     MISSING = b"missing"  # worker -> scheduler: an input could not be fetched

@@ -403,18 +403,24 @@ class Scheduler:
             self._send(ident, Kind.REFUSED, {"reason": "unknown peer", "rejoin": True})
 
     def _on_heartbeat(self, ident: bytes, msg: Any, _: list[Any]) -> None:
-        """Record liveness (and worker status); answer so the peer knows we are alive."""
+        """Record liveness (and worker status); answer so the peer knows we are alive.
+
+        A worker is also told how much ready work we have: it grants and parks slots by that
+        figure, which must not stay stale when tasks leave the queue by other ways than
+        dispatch to it (cancelled, their client gone, taken by other workers).
+        """
         w = self.workers.get(ident)
         if w is not None:
             w.last_seen = time.monotonic()
             if msg:
                 w.status = msg
-        else:
-            c = self.clients.get(ident)
-            if c is None:
-                self._unknown_peer(ident)
-                return
-            c.last_seen = time.monotonic()
+            self._send(ident, Kind.HEARTBEAT, self._work_hint())
+            return
+        c = self.clients.get(ident)
+        if c is None:
+            self._unknown_peer(ident)
+            return
+        c.last_seen = time.monotonic()
         self._send(ident, Kind.HEARTBEAT, None)
 
     def _check_heartbeats(self, now: float) -> None:
@@ -552,16 +558,21 @@ class Scheduler:
         if c is None:
             return
         base = c.index << CLIENT_BITS
+        drop: dict[WorkerRecord, list[int]] = {}
         for ckey in msg:
             t = self.tasks.get(base | ckey)
             if t is None or t.state in (DONE, ERRED, CANCELLED):
                 continue
             if t.state == READY:
                 self._unready(t)
+            elif t.state == ASSIGNED:
+                self._drop_assigned(t, drop)
             t.state = CANCELLED
             t.wanted = False
             self._fail_dependents(t)
             self._maybe_forget(t)
+        self._send_drops(drop)
+        self._tell_leased_no_work()
 
     def _on_scatter(self, ident: bytes, msg: list[tuple[int, bytes]], _: list[Any]) -> None:
         """Store client data inline under client keys (already finished tasks)."""
@@ -582,16 +593,38 @@ class Scheduler:
         self._dirty_clients.add(c)
 
     def _remove_client(self, c: ClientRecord) -> None:
-        """Release every task of a vanished client."""
+        """Release every task of a vanished client (queued ones on workers are dropped)."""
         self.clients.pop(c.ident, None)
+        drop: dict[WorkerRecord, list[int]] = {}
         for t in [t for t in self.tasks.values() if t.client is c]:
             if t.state == READY:
                 self._unready(t)
+            elif t.state == ASSIGNED and not t.started:
+                self._drop_assigned(t, drop)
             if t.state in (WAITING, READY):
                 t.state = CANCELLED
             t.wanted = False
             t.dependents = None
             self._maybe_forget(t)
+        self._send_drops(drop)
+        self._tell_leased_no_work()
+
+    def _drop_assigned(self, t: Task, drop: dict[WorkerRecord, list[int]]) -> None:
+        """Take a task back from the worker it was sent to; it will not be started there.
+
+        The task becomes WAITING (the caller cancels it); if the worker had already started it,
+        its result arrives for an unknown task and is discarded.
+        """
+        w = t.worker
+        if w is not None:
+            w.assigned.discard(t.key)
+            drop.setdefault(w, []).append(t.key)
+        t.worker = None
+        t.state = WAITING
+
+    def _send_drops(self, drop: dict[WorkerRecord, list[int]]) -> None:
+        for w, keys in drop.items():
+            self._send(w.ident, Kind.DROP, keys)
 
     def _flush_clients(self) -> None:
         """Send each client its finished tasks in one message."""
@@ -713,13 +746,23 @@ class Scheduler:
             w.retiring = True
         self._send(ident, Kind.RETURNED, {"n": n, "resources": res, "seq": msg.get("seq")})
 
+    def _work_hint(self) -> dict[str, Any]:
+        """What a worker needs to know to lease us slots: ready tasks and resources they ask."""
+        msg: dict[str, Any] = {"n": self.n_ready}
+        if self.ready_resourced:
+            msg["resources"] = self._resource_demand()
+        return msg
+
     def _nudge(self, w: WorkerRecord) -> None:
         if not w.hinted and not w.retiring:
             w.hinted = True
-            msg: dict[str, Any] = {"n": self.n_ready}
-            if self.ready_resourced:
-                msg["resources"] = self._resource_demand()
-            self._send(w.ident, Kind.HAVE_WORK, msg)
+            self._send(w.ident, Kind.HAVE_WORK, self._work_hint())
+
+    def _tell_leased_no_work(self) -> None:
+        """The ready queue emptied without dispatch: workers parking slots here may use them."""
+        if not self.n_ready:
+            for w in self.leased.values():
+                self._send(w.ident, Kind.HAVE_WORK, {"n": 0})
 
     def _resource_demand(self) -> dict[str, float]:
         """The largest amount of each resource one ready task asks for."""

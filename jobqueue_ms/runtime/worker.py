@@ -64,6 +64,7 @@ class _SchedulerLink:
         self.last_hello = 0.0
         self.done: list[tuple[Any, ...]] = []
         self.started: list[int] = []
+        self.dropped: set[int] = set()  # queued tasks not to start (the executors skip them)
         self.goodbye = False
         self.pending_grant: tuple[int, dict[str, float]] | None = None
 
@@ -200,11 +201,12 @@ class Worker:
         self._handlers = {
             Kind.WELCOME: self._on_welcome,
             Kind.REFUSED: self._on_refused,
-            Kind.HEARTBEAT: lambda link, msg, bufs: None,
+            Kind.HEARTBEAT: self._on_have_work,  # carries the scheduler's ready count
             Kind.TASKS: self._on_tasks,
             Kind.HAVE_WORK: self._on_have_work,
             Kind.RETURNED: self._on_returned,
             Kind.RELEASE: self._on_release,
+            Kind.DROP: self._on_drop,
             Kind.REPLICATE: self._on_replicate,
             Kind.RETIRE: self._on_retire,
             Kind.GOODBYE: self._on_goodbye,
@@ -571,7 +573,10 @@ class Worker:
         else:
             self._send(lk, Kind.LEASE, {"n": n, "resources": res})
 
-    def _on_have_work(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
+    def _on_have_work(self, link: _SchedulerLink, msg: dict[str, Any] | None, _: Any) -> None:
+        """How much ready work a scheduler has (HAVE_WORK, and every heartbeat answer)."""
+        if msg is None:  # an older scheduler's plain heartbeat
+            return
         link.has_work = msg["n"]
         link.wants_resources = msg.get("resources") or {}
 
@@ -710,7 +715,7 @@ class Worker:
             if item is None:
                 return
             link = item.link
-            if link.scheduler_id is None:  # its scheduler is gone: drop
+            if link.scheduler_id is None or item.key in link.dropped:  # gone or dropped
                 results.append((item, None, None, 0.0))
                 self._wake()
                 continue
@@ -763,11 +768,14 @@ class Worker:
             self._queued -= 1
             self._release_resources(item)
             link = item.link
+            link.dropped.discard(item.key)
             if status is None or link.scheduler_id is None:
                 continue
-            self._duration = (
-                duration if self._duration == 0 else 0.9 * self._duration + 0.1 * duration
-            )
+            if self._duration == 0 or duration > 4 * self._duration:
+                # a new kind of task: prefetch by it at once, not after ten slow ones
+                self._duration = duration
+            else:
+                self._duration = 0.9 * self._duration + 0.1 * duration
             link.usage = link.decayed_usage(now) + duration
             sid = link.scheduler_id
             self._executed[sid] = self._executed.get(sid, 0) + 1
@@ -822,6 +830,10 @@ class Worker:
                 n, res = lk.pending_grant
                 lk.pending_grant = None
                 self._send(lk, Kind.LEASE, {"n": n, "resources": res})
+
+    def _on_drop(self, link: _SchedulerLink, msg: list[int], _: Any) -> None:
+        """Queued tasks the scheduler no longer wants run; one already running finishes."""
+        link.dropped.update(msg)
 
     def _on_release(self, link: _SchedulerLink, msg: list[int], _: Any) -> None:
         sid = link.scheduler_id
@@ -906,6 +918,30 @@ class Worker:
                     self._missing(item, wanted[0][1][1])
         if self.lifetime_end is not None and time.time() >= self.lifetime_end:
             self.retire()
+
+    def debug_state(self) -> dict[str, Any]:
+        """Slots, queue and each scheduler link's lease (``kill -USR1`` prints it to stderr)."""
+        return {
+            "name": self.name,
+            "capacity": self._capacity(),
+            "queued": self._queued,
+            "active": self._active,
+            "results": len(self._results),
+            "paused": self._paused,
+            "retiring": self._retiring,
+            "links": [
+                {
+                    "address": lk.address,
+                    "state": lk.state,
+                    "lease": lk.lease,
+                    "has_work": lk.has_work,
+                    "revoking": lk.revoking,
+                    "pending_grant": lk.pending_grant,
+                    "done": len(lk.done),
+                }
+                for lk in self._links
+            ],
+        }
 
     def _status(self, now: float) -> dict[str, Any]:
         """Memory (psutil), idleness and storage, sent with heartbeats."""
