@@ -87,10 +87,12 @@ def test_submit_map_bulk_and_executor_semantics(client: Client) -> None:
     wait_until(lambda: seen == [2], timeout=30)
 
 
-def test_map_timeout_raises(client: Client) -> None:
+def test_map_timeout_raises_and_cancels_what_is_left(client: Client) -> None:
     it = client.map(slow_identity, [1, 2], [5.0, 5.0], timeout=0.2)
     with pytest.raises(cf.TimeoutError):
         list(it)
+    # as Executor.map: the future that timed out is cancelled too, so nothing stays pending
+    assert client.futures_pending == 0
 
 
 def test_dependencies_move_between_workers_not_through_client(client: Client) -> None:

@@ -562,10 +562,15 @@ class Client(cf.Executor):
                 while futures:
                     f = futures.pop()
                     left = None if end is None else end - time.monotonic()
+                    try:
+                        value = f.result(left)
+                    except BaseException:
+                        f.cancel()  # as Executor.map: the one that timed out is cancelled too
+                        raise
                     if chunksize == 1:
-                        yield f.result(left)
+                        yield value
                     else:
-                        yield from f.result(left)
+                        yield from value
             finally:
                 for f in futures:
                     f.cancel()
