@@ -6,6 +6,7 @@ Heavy imports happen inside each command so that ``jobqueue-ms worker`` starts f
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -43,6 +44,42 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _security_options(f: Any) -> Any:
+    """--keyfile, --insecure-plaintext and --max-message-bytes, shared by scheduler and worker."""
+    f = click.option(
+        "--max-message-bytes",
+        default=None,
+        help="Largest inbound message frame (e.g. 1GiB, the default); bigger ones disconnect "
+        "the sender. Use the same value in every process of a cluster.",
+    )(f)
+    f = click.option(
+        "--insecure-plaintext",
+        is_flag=True,
+        default=False,
+        help="NO encryption and NO authentication: anyone who can reach the ports can run "
+        "code as you. Only on a network you trust completely.",
+    )(f)
+    f = click.option(
+        "--keyfile",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="The cluster's CurveZMQ key file (mode 0600). Default: $JOBQUEUE_MS_KEYFILE, "
+        "else the one the scheduler file names.",
+    )(f)
+    return f
+
+
+def _max_message_bytes(value: str | None) -> int | None:
+    from .units import parse_memory
+
+    if value is None:
+        return None
+    try:
+        return parse_memory(value, "--max-message-bytes")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-message-bytes") from None
+
+
 @main.command()
 @click.option(
     "--host",
@@ -65,6 +102,13 @@ def _setup_logging(level: str) -> None:
     help="Write the address here (JSON) once listening.",
 )
 @click.option("--cluster-id", default=None, help="Identifier of the cluster this scheduler serves.")
+@_security_options
+@click.option(
+    "--max-tasks-per-client",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Tasks one client may hold here at once (default 1,000,000).",
+)
 @click.option("--log-level", default="warning", show_default=True)
 def scheduler(
     host: str,
@@ -72,17 +116,39 @@ def scheduler(
     port: int,
     scheduler_file: str | None,
     cluster_id: str | None,
+    keyfile: str | None,
+    insecure_plaintext: bool,
+    max_message_bytes: str | None,
+    max_tasks_per_client: int | None,
     log_level: str,
 ) -> None:
-    """Run a scheduler until interrupted."""
+    """Run a scheduler until interrupted.
+
+    Connections are encrypted and authenticated with CurveZMQ. Without --keyfile (or
+    $JOBQUEUE_MS_KEYFILE) the scheduler makes new keys, names their file in its scheduler
+    file, and removes them when it stops.
+    """
+    import os
     import signal
 
-    from .runtime.scheduler import Scheduler
+    from .runtime.scheduler import DEFAULT_MAX_TASKS_PER_CLIENT, Scheduler
+    from .runtime.security import ENV_KEYFILE, Security
 
     _setup_logging(log_level)
     if interface:
         host = _interface_address(interface)
-    s = Scheduler(host=host, port=port, scheduler_file=scheduler_file, cluster_id=cluster_id)
+    security = None  # new keys, owned by the scheduler
+    if keyfile or insecure_plaintext or os.environ.get(ENV_KEYFILE):
+        security = Security.from_options(keyfile, insecure_plaintext)
+    s = Scheduler(
+        host=host,
+        port=port,
+        scheduler_file=scheduler_file,
+        cluster_id=cluster_id,
+        security=security,
+        max_message_bytes=_max_message_bytes(max_message_bytes),
+        max_tasks_per_client=max_tasks_per_client or DEFAULT_MAX_TASKS_PER_CLIENT,
+    )
     signal.signal(signal.SIGTERM, lambda *_: s.stop())
     try:
         s.run()
@@ -164,6 +230,7 @@ def _parse_resources(values: tuple[str, ...]) -> dict[str, float]:
     show_default=True,
     help="Supervise the worker and restart it if it dies.",
 )
+@_security_options
 @click.option("--log-level", default="warning", show_default=True)
 def worker(
     schedulers: tuple[str, ...],
@@ -179,18 +246,26 @@ def worker(
     host: str | None,
     interface: str | None,
     nanny: bool,
+    keyfile: str | None,
+    insecure_plaintext: bool,
+    max_message_bytes: str | None,
     log_level: str,
 ) -> None:
-    """Run a worker serving every scheduler given."""
+    """Run a worker serving every scheduler given.
+
+    Its keys: --keyfile, else $JOBQUEUE_MS_KEYFILE, else the key file a scheduler file names.
+    """
     import os
     import time
 
     from .runtime.nanny import run_worker
     from .runtime.scheduler import read_scheduler_file
+    from .runtime.security import Security
     from .units import parse_duration, parse_memory
 
     _setup_logging(log_level)
     addresses = list(schedulers)
+    file_info = None
     deadline = time.monotonic() + scheduler_file_timeout
     for f in scheduler_files:
         while not os.path.exists(f):
@@ -199,7 +274,8 @@ def worker(
                     f"scheduler file {f} did not appear within {scheduler_file_timeout} s"
                 )
             time.sleep(0.1)  # polling a shared filesystem for another process's file
-        addresses.extend(read_scheduler_file(f)["addresses"])
+        file_info = read_scheduler_file(f)
+        addresses.extend(file_info["addresses"])
     if not addresses:
         raise click.UsageError("give --scheduler tcp://host:port or --scheduler-file FILE")
     for a in addresses:
@@ -219,8 +295,12 @@ def worker(
         except OSError as exc:
             raise click.BadParameter(str(exc), param_hint="--local-directory") from None
         os.environ["TMPDIR"] = local_directory  # tempfile in the tasks (and the nanny's child)
+    security = Security.from_options(
+        keyfile, insecure_plaintext, file_info, _max_message_bytes(max_message_bytes)
+    )
     kwargs = {
         "schedulers": addresses,
+        "security": security,
         "nthreads": nthreads,
         "memory_limit": limit,
         "name": name,
@@ -230,6 +310,31 @@ def worker(
         "host": host,
     }
     raise SystemExit(run_worker(kwargs, nanny=nanny))
+
+
+@main.group()
+def keys() -> None:
+    """CurveZMQ key files, for schedulers and workers started by hand (docs/security.md)."""
+
+
+@keys.command("new")
+@click.option(
+    "--directory",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where to put the key file: private (0700), visible to every node that runs a "
+    "scheduler, worker or client. Default: $JOBQUEUE_MS_KEY_DIRECTORY or ~/.jobqueue-ms/keys.",
+)
+@click.option("--name", default="cluster", show_default=True, help="The file is NAME.keys.")
+def keys_new(directory: str | None, name: str) -> None:
+    """Make new keys for one cluster; print the key file's path (mode 0600).
+
+    Then: jobqueue-ms scheduler --keyfile PATH ... and jobqueue-ms worker --keyfile PATH ...
+    (or --scheduler-file, which names it); clients use Client(..., security=PATH).
+    """
+    from .runtime.security import Security
+
+    click.echo(Security.generate(directory, name=name).path)
 
 
 @main.command()

@@ -2,8 +2,9 @@
 
 ``mpirun -n K python -m jobqueue_ms.mpi [--schedulers N] script.py [args...]``: ranks become
 schedulers, one client rank runs ``script.py`` with a ready :class:`Client`, every other rank is a
-worker. Addresses are exchanged once over MPI (one ``allgather``); after that every process speaks
-the normal runtime protocol, so worker code is the same under MPI, batch and SSH.
+worker. Rank 0 broadcasts the cluster's CurveZMQ keys once (in memory: no key file, no shared
+filesystem), then addresses are exchanged once over MPI (one ``allgather``); after that every
+process speaks the normal runtime protocol, so worker code is the same under MPI, batch and SSH.
 
 Shutdown uses MPI point-to-point only: each serving rank posts one non-blocking receive that a
 watcher thread polls, so no rank ever blocks inside MPI while serving. The client rank (or, in
@@ -231,6 +232,7 @@ class _Options:
     host: str | None = None
     interface: str | None = None
     has_client: bool = True
+    insecure_plaintext: bool = False
 
 
 _client: Client | None = None
@@ -268,6 +270,7 @@ class _Node:
         self.worker_thread: threading.Thread | None = None
         self.addresses: list[str] = []
         self.cluster_id = ""
+        self.security: Any = None
         self.exit_code = 0
         self.stopped = threading.Event()  # set when this rank must stop serving
         self.watcher: threading.Thread | None = None
@@ -276,30 +279,35 @@ class _Node:
 
     # -------------------------------------------------------------- startup
     def start(self) -> None:
-        """Start the scheduler (if any), exchange addresses once, start the worker (if any).
+        """Share the keys, start the scheduler (if any), exchange addresses, start the worker.
 
-        The one exchange is an ``allgather`` of (scheduler index, address, error, proposed
-        cluster id); every rank takes rank 0's proposal as the cluster id. No peer can reach a
-        scheduler before the exchange (nobody knows its address yet), so the scheduler gets the
-        cluster id just after it.
+        Rank 0 broadcasts the cluster id and the cluster's keys (made in memory; MPI is the
+        allocation's private channel), so every scheduler listens with them from the start.
+        Then the one address exchange: an ``allgather`` of (scheduler index, address, error).
         """
         from .runtime.scheduler import Scheduler
+        from .runtime.security import Security, set_process_default
 
-        proposal = f"mpi-{uuid.uuid4().hex[:8]}"
+        shared = None
+        if self.rank == 0:
+            keys = None if self.opts.insecure_plaintext else Security.new().material()
+            shared = (f"mpi-{uuid.uuid4().hex[:8]}", keys)
+        self.cluster_id, keys = self.comm.bcast(shared, root=0)
+        self.security = Security(*keys) if keys else Security.insecure_plaintext()
+        set_process_default(self.security)  # what a plain Client() in the script uses
         address: str | None = None
         error: str | None = None
         try:
             self.host = host_address(self.opts.host, self.opts.interface, self.size)
             if self.role.kind == "scheduler":
-                self.scheduler = Scheduler(host=self.host, port=0, cluster_id=proposal)
+                self.scheduler = Scheduler(
+                    host=self.host, port=0, cluster_id=self.cluster_id, security=self.security
+                )
                 address = self.scheduler.start()
         except Exception as exc:  # reported on every rank below
             error = f"rank {self.rank}: {exc}"
-        entry = (self.role.scheduler_index, address, error, proposal)
-        gathered = self.comm.allgather(entry)  # the one exchange
-        self.cluster_id = gathered[0][3]
-        if self.scheduler is not None:
-            self.scheduler.cluster_id = self.cluster_id
+        entry = (self.role.scheduler_index, address, error)
+        gathered = self.comm.allgather(entry)  # the one address exchange
         errors = [e[2] for e in gathered if e[2]]
         if errors:
             if self.scheduler is not None:
@@ -322,6 +330,7 @@ class _Node:
             memory_limit=self.opts.memory_limit,
             name=f"mpi-rank-{self.rank}",
             host=self.host,
+            security=self.security,
         )
         self.worker_thread = threading.Thread(
             target=self._run_worker, name="jqms-mpi-worker", daemon=True
@@ -382,7 +391,7 @@ class _Node:
         if worker_ranks and self.addresses:
             from .runtime.admin import SchedulerAdmin
 
-            admin = SchedulerAdmin(self.addresses, timeout=1.0)
+            admin = SchedulerAdmin(self.addresses, timeout=1.0, security=self.security)
             try:
                 deadline = time.monotonic() + 2 * _POLL_S + 2.0
                 while time.monotonic() < deadline:
@@ -431,11 +440,19 @@ class _Node:
         return self.exit_code
 
     def write_scheduler_file(self) -> None:
-        """Service mode: scheduler 0 writes the file outside clients read (all N addresses)."""
+        """Service mode: scheduler 0 writes the file outside clients read (all N addresses),
+        and beside it the key file it names (``<file>.keys``, mode 0600)."""
         if self.opts.scheduler_file and self.role.scheduler_index == 0:
             from .runtime.scheduler import write_scheduler_file
 
-            write_scheduler_file(self.opts.scheduler_file, self.addresses, self.cluster_id)
+            if self.security.encrypted:
+                keyfile = f"{self.opts.scheduler_file}.keys"
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(keyfile)  # a previous deployment's, whose keys nobody uses now
+                self.security = self.security.save(keyfile)
+            write_scheduler_file(
+                self.opts.scheduler_file, self.addresses, self.cluster_id, self.security
+            )
             self._wrote_scheduler_file = True
 
     def remove_scheduler_file(self) -> None:
@@ -452,13 +469,16 @@ class _Node:
         if ours:
             with contextlib.suppress(OSError):
                 os.remove(path)
+            if self.security.path:
+                with contextlib.suppress(OSError):
+                    os.remove(self.security.path)
 
     def wait_for_workers(self, timeout: float) -> None:
         """Wait (bounded) until every expected worker registered with the schedulers."""
         from .runtime.admin import SchedulerAdmin
 
         expected = sum(self._role_of(r).runs_worker for r in range(self.size))
-        admin = SchedulerAdmin(self.addresses, timeout=2.0)
+        admin = SchedulerAdmin(self.addresses, timeout=2.0, security=self.security)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -515,7 +535,7 @@ def _become_client(node: _Node) -> Client:
     os.environ["JOBQUEUE_MS_SCHEDULER"] = ",".join(node.addresses)
     os.environ.pop("JOBQUEUE_MS_SCHEDULER_FILE", None)
     node.wait_for_workers(timeout=60.0)
-    _client = Client(list(node.addresses))
+    _client = Client(list(node.addresses), security=node.security)
     return _client
 
 
@@ -598,6 +618,7 @@ def initialize(
     workers_everywhere: bool = False,
     host: str | None = None,
     interface: str | None = None,
+    insecure_plaintext: bool = False,
 ) -> Client:
     """Turn an ``mpirun``-started script into a deployment; only the client rank returns.
 
@@ -622,6 +643,7 @@ def initialize(
         workers_everywhere=workers_everywhere,
         host=host,
         interface=interface,
+        insecure_plaintext=insecure_plaintext,
     )
     comm = _comm()
     try:
@@ -704,6 +726,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--no-script", action="store_true", help="service mode: serve, write --scheduler-file"
     )
     p.add_argument("--scheduler-file", default=None, metavar="F")
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="NO encryption or authentication between the ranks' processes (docs/security.md)",
+    )
     p.add_argument("script", nargs="?", help="the client script")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
     return p
@@ -732,6 +759,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobqueue_ms.mpi")
         host=a.host,
         interface=a.interface,
         has_client=not a.no_script,
+        insecure_plaintext=a.insecure_plaintext,
     )
     comm = None
     try:

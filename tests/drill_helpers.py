@@ -24,6 +24,7 @@ from helpers import wait_until
 
 from jobqueue_ms.runtime import protocol
 from jobqueue_ms.runtime.protocol import Kind
+from jobqueue_ms.runtime.security import Guard, Security
 
 SCHEDULER_KINDS = [
     Kind.HELLO,
@@ -88,10 +89,12 @@ def worker_pid(nanny_pid: int, timeout: float = 30) -> int:
     return wait_until(child, timeout, message=f"the worker child of nanny {nanny_pid}")
 
 
-def start_scheduler(port: int, cluster_id: str, log_path: str) -> subprocess.Popen[bytes]:
+def start_scheduler(
+    port: int, cluster_id: str, log_path: str, security: Security
+) -> subprocess.Popen[bytes]:
     """Start a scheduler process on a fixed loopback port (the caller stops it)."""
     argv = [sys.executable, "-m", "jobqueue_ms", "scheduler", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--cluster-id", cluster_id]
+    argv += ["--port", str(port), "--cluster-id", cluster_id, *security.argv()]
     with open(log_path, "ab") as log_f:
         return subprocess.Popen(argv, stdout=log_f, stderr=subprocess.STDOUT)
 
@@ -186,13 +189,14 @@ class CaptureProxy:
     per client identity, and recorded (``sent``: client -> scheduler, ``received``: back).
     """
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, security: Security) -> None:
         self.upstream = upstream
+        self.security = security  # a member of the cluster: it holds the keys
         self.sent: list[list[bytes]] = []
         self.received: list[list[bytes]] = []
         self._ctx = zmq.Context()
-        self._front = self._ctx.socket(zmq.ROUTER)
-        self._front.setsockopt(zmq.LINGER, 0)
+        self._front = security.socket(self._ctx, zmq.ROUTER, server=True)
+        self._guard = Guard(self._ctx, security, [self._front])
         port = self._front.bind_to_random_port("tcp://127.0.0.1")
         self.address = f"tcp://127.0.0.1:{port}"
         self._stop = threading.Event()
@@ -211,8 +215,9 @@ class CaptureProxy:
                     ident, msg = frames[0], frames[1:]
                     back = backs.get(ident)
                     if back is None:
-                        back = backs[ident] = self._ctx.socket(zmq.DEALER)
-                        back.setsockopt(zmq.LINGER, 0)
+                        back = backs[ident] = self.security.socket(
+                            self._ctx, zmq.DEALER, server=False
+                        )
                         back.connect(self.upstream)
                         idents[back] = ident
                         poller.register(back, zmq.POLLIN)
@@ -342,11 +347,18 @@ class FrameSource:
 
 
 class Fuzzer:
-    """DEALER sockets with fresh identities that send hostile messages to one address."""
+    """DEALER sockets with fresh identities that send hostile messages to one address.
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, n_sockets: int = 8) -> None:
+    With the cluster's ``security`` it is a buggy or hostile *member* (its frames reach the
+    parsers); with other keys or none it is an outsider, refused at the CurveZMQ handshake.
+    """
+
+    def __init__(
+        self, ctx: zmq.Context[Any], address: str, security: Security, n_sockets: int = 8
+    ) -> None:
         self.ctx = ctx
         self.address = address
+        self.security = security
         self.n_sockets = n_sockets
         self.socks: list[zmq.Socket[Any]] = []
         self.identities = 0
@@ -358,8 +370,7 @@ class Fuzzer:
             s.close(0)
         self.socks = []
         for _ in range(self.n_sockets):
-            s = self.ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
+            s = self.security.socket(self.ctx, zmq.DEALER, server=False)
             s.setsockopt(zmq.RCVHWM, 100)
             s.connect(self.address)
             self.socks.append(s)

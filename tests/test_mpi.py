@@ -411,9 +411,14 @@ def test_mpich_service_mode_until_admin_shutdown_or_sigterm(mpi, tmp_path, how):
         wait_until(sfile.exists, timeout=30, message="no scheduler file")
         data = json.loads(sfile.read_text())
         assert len(data["addresses"]) == 2
+        # the keys rank 0 made are beside the scheduler file, private, and named by it
+        keyfile = Path(data["keyfile"])
+        assert data["security"] == "curve" and keyfile == Path(f"{sfile}.keys")
+        assert keyfile.stat().st_mode & 0o777 == 0o600
+        assert "secret" not in sfile.read_text()
         with Client(scheduler_file=str(sfile)) as c:
             assert list(c.map(abs, range(-20, 0))) == list(range(20, 0, -1))
-        admin = SchedulerAdmin(data["addresses"])
+        admin = SchedulerAdmin(data["addresses"], security=str(keyfile))
         wait_until(
             lambda: all(len(i["workers"]) == 2 for i in admin.info()),
             timeout=30,
@@ -421,7 +426,7 @@ def test_mpich_service_mode_until_admin_shutdown_or_sigterm(mpi, tmp_path, how):
         )
         admin.close()
         if how == "admin":
-            admin = SchedulerAdmin(data["addresses"])
+            admin = SchedulerAdmin(data["addresses"], security=str(keyfile))
             admin.shutdown(data["addresses"][1])  # one admin shutdown stops the whole service
             admin.close()
         else:
@@ -434,6 +439,7 @@ def test_mpich_service_mode_until_admin_shutdown_or_sigterm(mpi, tmp_path, how):
     assert proc.returncode == 0, err
     assert "schedulers at" in out
     assert not sfile.exists()  # it listed addresses nobody listens on any more
+    assert not keyfile.exists()
     wait_until(lambda: not _session_left(proc.pid), timeout=15)
 
 

@@ -19,6 +19,7 @@ from helpers import wait_until
 from jobqueue_ms import Client, KilledWorkerError, LocalCluster, VersionMismatchError
 from jobqueue_ms.runtime import protocol
 from jobqueue_ms.runtime.scheduler import Scheduler
+from jobqueue_ms.runtime.security import Security
 
 # workers cannot import this test module: ship its functions by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -204,7 +205,10 @@ def test_slots_parked_at_a_scheduler_whose_work_vanished_are_reclaimed(tmp_path:
             info = [i for i in cluster.scheduler_info(max_age=0) if i["address"] == b]
             return int(info[0]["tasks_total"])
 
-        proc = subprocess.Popen([sys.executable, str(script), b], stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, "JOBQUEUE_MS_KEYFILE": str(cluster.security.path)}
+        proc = subprocess.Popen(
+            [sys.executable, str(script), b], stdout=subprocess.PIPE, text=True, env=env
+        )
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
             wait_until(lambda: tasks_on_b() > 100, timeout=30)
@@ -388,14 +392,12 @@ def test_restarted_scheduler_is_rejoined_by_workers(tmp_path: Path) -> None:
     sched = Scheduler(port=0)
     address = sched.start()
     port = sched.port
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobqueue_ms", "worker", "--scheduler", address, "--no-nanny"],
-        start_new_session=True,
-    )
+    argv = [sys.executable, "-m", "jobqueue_ms", "worker", "--scheduler", address, "--no-nanny"]
+    proc = subprocess.Popen([*argv, *sched.security.argv()], start_new_session=True)
     try:
         wait_until(lambda: len(sched.info()["workers"]) == 1, timeout=30)
         sched.stop()
-        again = Scheduler(port=port)
+        again = Scheduler(port=port, security=sched.security)  # the same cluster's keys
         again.start()
         try:
             wait_until(lambda: len(again.info()["workers"]) == 1, timeout=30)
@@ -421,6 +423,7 @@ def test_vanished_client_tasks_are_released(cluster: LocalCluster, tmp_path: Pat
         [sys.executable, str(script), *cluster.scheduler_addresses],
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, "JOBQUEUE_MS_KEYFILE": str(cluster.security.path)},
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
@@ -435,6 +438,25 @@ def test_vanished_client_tasks_are_released(cluster: LocalCluster, tmp_path: Pat
         proc.kill()
         proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_client_shutdown_returns_after_its_scheduler_was_killed(tmp_path: Path) -> None:
+    """Leaving a client whose scheduler vanished unannounced does not hang (it used to)."""
+    sec = Security.generate(str(tmp_path / "keys"), name="c")
+    sfile = tmp_path / "s.json"
+    argv = [sys.executable, "-m", "jobqueue_ms", "scheduler", "--scheduler-file", str(sfile)]
+    proc = subprocess.Popen([*argv, *sec.argv()])
+    try:
+        wait_until(sfile.exists, timeout=30)
+        client = Client(scheduler_file=str(sfile))
+        proc.kill()
+        proc.wait()
+        t0 = time.monotonic()
+        client.shutdown()
+        assert time.monotonic() - t0 < 15
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_version_mismatch_is_refused_naming_both_versions(
@@ -563,6 +585,7 @@ def test_worker_local_directory_becomes_the_tasks_tmpdir(tmp_path: Path) -> None
             address,
             "--local-directory",
             str(scratch),
+            *sched.security.argv(),
         ]  # fmt: skip
     )
     try:

@@ -8,6 +8,7 @@ remote directory with psutil and os.path directly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
@@ -41,6 +42,7 @@ from jobqueue_ms.deploy.ssh import (
     remote_stdin,
     scheduler_placement,
 )
+from jobqueue_ms.runtime.security import Security
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(240)]
 
@@ -99,6 +101,36 @@ def control_masters(cluster: SSHCluster) -> list[psutil.Process]:
 
 def live_jobs(cluster: SSHCluster) -> list[str]:
     return [r.name for r in cluster.jobs.values() if not r.state.finished]
+
+
+def test_each_host_gets_a_private_copy_of_the_key_file_never_on_a_command_line(
+    hosts: SSHHosts,
+) -> None:
+    cluster = make_cluster(hosts, workers_per_host=1)
+    try:
+        cluster.scale(jobs=2)
+        cluster.wait_for_workers(2, timeout=60)
+        copy = Path(cluster.remote_keyfile)  # both "hosts" are this machine: one path
+        assert copy.stat().st_mode & 0o777 == 0o600
+        assert copy.parent.stat().st_mode & 0o777 == 0o700
+        assert Security.load(str(copy)) == dataclasses.replace(cluster.security, path=str(copy))
+        secrets = [cluster.security.server_secret.decode(), cluster.security.client_secret.decode()]
+        ours = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if cluster.name in " ".join(p.info["cmdline"] or [])
+        ]
+        assert ours
+        for p in ours:
+            line = " ".join(p.info["cmdline"] or [])
+            assert not any(s in line for s in secrets)
+        assert f"--keyfile {copy}" in cluster.job_script()
+        assert not any(s in cluster.job_script(role="scheduler") for s in secrets)
+        with Client(cluster) as client:
+            assert client.submit(pow, 2, 8).result(timeout=60) == 256
+    finally:
+        cluster.close()
+    assert not copy.exists() and not Path(str(cluster.security.path)).exists()
 
 
 def test_two_hosts_two_schedulers_compute_scale_and_close(hosts: SSHHosts) -> None:

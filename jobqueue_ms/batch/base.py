@@ -32,6 +32,7 @@ from .units import FILTERS
 log = logging.getLogger("jobqueue_ms.batch")
 
 PLACEHOLDER_ADDRESS = "tcp://SCHEDULER:PORT"
+PLACEHOLDER_SECURITY = ("--keyfile", "KEYFILE")  # a cluster's own key file, made when it starts
 """Shown in rendered scripts when no scheduler is running yet (``jobqueue-ms render``)."""
 
 PLACEMENTS = ("local", "job")
@@ -222,6 +223,10 @@ CLUSTER_OPTIONS = (
     "command_timeout",
     "lost_after",
     "lifetime_stagger",
+    "security",
+    "key_directory",
+    "keep_keys",
+    "max_message_bytes",
 )
 
 
@@ -241,6 +246,10 @@ class _ClusterSettings:
     command_timeout_s: float = 60.0
     lost_after_s: float = 60.0
     lifetime_stagger_s: float | None = None
+    security: Any = None  # a Security, a key file path, or None for new keys
+    key_directory: str | None = None
+    keep_keys: bool = False
+    max_message_bytes: Any = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> _ClusterSettings:
@@ -259,9 +268,16 @@ class _ClusterSettings:
                     "this machine) or 'job' (schedulers in their own batch job)"
                 )
             kwargs["scheduler_placement"] = placement
-        for name in ("scheduler_host", "shared_directory"):
+        for name in ("scheduler_host", "shared_directory", "key_directory"):
             if options.get(name) is not None:
                 kwargs[name] = str(options[name])
+        for name in ("security", "max_message_bytes"):
+            if options.get(name) is not None:
+                kwargs[name] = options[name]  # validated by the Cluster base
+        if options.get("keep_keys") is not None:
+            if not isinstance(options["keep_keys"], bool):
+                raise ValueError(f"keep_keys={options['keep_keys']!r} must be True or False")
+            kwargs["keep_keys"] = options["keep_keys"]
         if options.get("template") is not None:
             # A template file is read at each submission: keep its absolute path, so a later
             # chdir does not lose it.
@@ -454,6 +470,10 @@ class BatchCluster(Cluster):
         command_timeout: Any = None,
         lost_after: Any = None,
         lifetime_stagger: Any = None,
+        security: Any = None,
+        key_directory: str | None = None,
+        keep_keys: bool | None = None,
+        max_message_bytes: Any = None,
         config: Config | None = None,
         **job_options: Any,
     ) -> None:
@@ -471,6 +491,10 @@ class BatchCluster(Cluster):
             command_timeout=command_timeout,
             lost_after=lost_after,
             lifetime_stagger=lifetime_stagger,
+            security=security,
+            key_directory=key_directory,
+            keep_keys=keep_keys,
+            max_message_bytes=max_message_bytes,
         )
         settings, options = self._merge_options(given, config)
         # Everything is validated, and the template rendered once, before anything starts.
@@ -504,6 +528,16 @@ class BatchCluster(Cluster):
             poll_interval=f"{self.settings.poll_interval_s}s",
             # python= is the compute nodes' interpreter, in the job script; local schedulers
             # run with this one.
+            security=self.settings.security,
+            # the jobs read the key file: next to the scheduler files on the shared filesystem
+            key_directory=self.settings.key_directory
+            or (
+                str(Path(self.settings.shared_directory).expanduser() / "keys")
+                if self.settings.shared_directory
+                else None
+            ),
+            keep_keys=self.settings.keep_keys,
+            max_message_bytes=self.settings.max_message_bytes,
         )
         self._start()
 
@@ -606,12 +640,14 @@ class BatchCluster(Cluster):
         scheduler_addresses: Sequence[str] = (),
         scheduler_files: Sequence[str] = (),
         cluster_id: str | None = None,
+        security_args: Sequence[str] = PLACEHOLDER_SECURITY,
         template: str | os.PathLike[str] | None = None,
         template_dirs: Sequence[str | os.PathLike[str]] = (),
     ) -> str:
         """Render the job script for one job named ``name``; pure, starts nothing.
 
         ``role="scheduler"`` renders the scheduler job: one scheduler per ``scheduler_files``.
+        ``security_args`` (``--keyfile PATH``, never a key) go to every scheduler and worker.
         """
         context = {
             "job": spec,
@@ -621,6 +657,7 @@ class BatchCluster(Cluster):
             "scheduler_addresses": list(scheduler_addresses or [PLACEHOLDER_ADDRESS]),
             "scheduler_files": list(scheduler_files),
             "cluster_id": cluster_id,
+            "security_args": list(security_args),
         }
         source = cls.template if template is None else render_module.template_source(template)
         return render_module.render(source, context, template_dirs=template_dirs, filters=FILTERS)
@@ -635,6 +672,7 @@ class BatchCluster(Cluster):
             name=name,
             scheduler_addresses=self.scheduler_addresses,
             cluster_id=self.cluster_id,
+            security_args=self._security_argv(),
             **self._render_options(),
         )
 
@@ -843,6 +881,7 @@ class BatchCluster(Cluster):
             role="scheduler",
             scheduler_files=files,
             cluster_id=self.cluster_id,
+            security_args=self._security_argv(),
             **self._render_options(),
         )
         self._submit_script(record, script, self.scheduler_spec)

@@ -17,6 +17,11 @@ Subclasses provide:
 ``_poll`` runs outside the cluster's lock (a slow queue must not block ``scale`` or ``snapshot``);
 ``_submit`` and ``_cancel`` run under it.
 
+Security: every cluster gets its own CurveZMQ keys, in a key file (0600) in ``key_directory``
+(``shared_key_directory`` says whether that must be a directory the jobs can see); schedulers and
+workers get its path (``--keyfile``), never the keys. ``close()`` removes the file unless
+``keep_keys=True``. ``security=Security.insecure_plaintext()`` is the explicit opt-out.
+
 Adaptive scaling (``adapt()``) drives the cluster through a private seam; a manual ``scale()``,
 ``scale_up()`` or ``scale_down()`` stops it, as in dask. Walltime: a job whose workers have a
 lifetime is drained by the cluster a little before it (staggered per job, so jobs started together
@@ -41,10 +46,12 @@ import time
 import uuid
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..runtime import security as _security
 from ..runtime.admin import SchedulerAdmin
+from ..runtime.security import Security
 from ..units import parse_duration, parse_memory
 
 log = logging.getLogger("jobqueue_ms.cluster")
@@ -147,6 +154,9 @@ class Cluster:
     max_start_failures: int = 3
     # While adapting: the Adaptive's max_start_failures, which then governs (see adapt()).
     _adapt_failure_limit: int | None = None
+    # Jobs run elsewhere and read the key file there: keep it in a directory they can see (the
+    # home directory by default). A LocalCluster keeps it in its own private cluster_dir.
+    shared_key_directory: bool = True
 
     def __init__(
         self,
@@ -160,6 +170,10 @@ class Cluster:
         poll_interval: Any = None,
         python: str | None = None,
         cluster_dir: str | None = None,
+        security: Security | str | None = None,
+        key_directory: str | None = None,
+        keep_keys: bool = False,
+        max_message_bytes: int | str | None = None,
     ) -> None:
         if not isinstance(n_schedulers, int) or n_schedulers < 1:
             raise ValueError(f"n_schedulers={n_schedulers!r} must be a positive integer")
@@ -203,10 +217,36 @@ class Cluster:
         self._own_dir = cluster_dir is None
         self.cluster_dir = cluster_dir or tempfile.mkdtemp(prefix=f"{self.name}-")
         os.makedirs(self.cluster_dir, exist_ok=True)
+        self.keep_keys = keep_keys
+        self.security = self._make_security(security, key_directory, max_message_bytes)
         self._info_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._stop_sync = threading.Event()
         self._sync_thread: threading.Thread | None = None
         _LIVE.add(self)
+
+    def _make_security(
+        self,
+        security: Security | str | None,
+        key_directory: str | None,
+        max_message_bytes: int | str | None,
+    ) -> Security:
+        """The cluster's keys: given (a Security or a key file) or new ones, in a key file."""
+        limit = (
+            parse_memory(max_message_bytes, "max_message_bytes")
+            if max_message_bytes is not None
+            else None
+        )
+        self._owns_keys = security is None
+        if security is None:
+            # kept keys must outlive cluster_dir, which close() removes
+            shared = self.shared_key_directory or self.keep_keys
+            directory = key_directory or (
+                _security.default_key_directory() if shared else self.cluster_dir
+            )
+            name = self.name if self.cluster_id in self.name else f"{self.name}-{self.cluster_id}"
+            return Security.generate(directory, name=name, max_message_bytes=limit)
+        given = Security.coerce(security)
+        return replace(given, max_message_bytes=limit) if limit else given
 
     def _start(self) -> None:
         """Start the schedulers and the background sync loop (call at the end of __init__).
@@ -216,7 +256,8 @@ class Cluster:
         """
         try:
             self.scheduler_addresses = self._start_schedulers()
-            self._admin = SchedulerAdmin(self.scheduler_addresses)
+            _security.register(self.scheduler_addresses, self.security)
+            self._admin = SchedulerAdmin(self.scheduler_addresses, security=self.security)
         except BaseException:
             self._start_failed = True
             self.close()
@@ -247,6 +288,7 @@ class Cluster:
                 f,
                 "--cluster-id",
                 self.cluster_id,
+                *self._security_argv(),
             ]
             proc = subprocess.Popen(
                 argv, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True
@@ -296,11 +338,19 @@ class Cluster:
     def _cleanup(self) -> None:
         """Release what a subclass holds; the last step of ``close()`` (default: nothing)."""
 
+    def _security_argv(self) -> list[str]:
+        """``--keyfile PATH`` (never the keys), the size limit, or ``--insecure-plaintext``."""
+        argv = self.security.argv()
+        if self.security.max_message_bytes != _security.DEFAULT_MAX_MESSAGE_BYTES:
+            argv += ["--max-message-bytes", str(self.security.max_message_bytes)]
+        return argv
+
     def _worker_command(self, record: JobRecord, index: int = 0) -> list[str]:
         """argv of worker ``index`` of a job: serves every scheduler of the cluster."""
         argv = [self.python, "-m", "jobqueue_ms", "worker"]
         for a in self.scheduler_addresses or ["tcp://SCHEDULER:PORT"]:
             argv += ["--scheduler", a]
+        argv += self._security_argv()
         argv += ["--nthreads", str(self.threads_per_worker)]
         if self.memory_limit:
             argv += ["--memory-limit", str(self.memory_limit)]
@@ -785,6 +835,9 @@ class Cluster:
         if admin is not None:
             attempt("close the admin connection", admin.close)
         attempt("clean up", self._cleanup)
+        _security.unregister(self.scheduler_addresses)
+        if self._owns_keys and not self.keep_keys:
+            attempt("remove the key file", self.security.remove)
         if self._own_dir:
             shutil.rmtree(self.cluster_dir, ignore_errors=True)
         _LIVE.discard(self)

@@ -29,6 +29,11 @@ class LocalCluster(Cluster):
     lifetime_stagger:
         Drain jobs up to this much earlier than ``lifetime``, spread out so that jobs started
         together do not all leave at once (default: a tenth of the lifetime, at most 5 minutes).
+    security, keep_keys, max_message_bytes:
+        Keys: new CurveZMQ keys for this cluster by default, in its private directory (removed
+        by ``close()`` unless ``keep_keys=True``); or a key file path / ``Security``, or
+        ``Security.insecure_plaintext()`` to opt out of encryption. ``max_message_bytes``
+        bounds every inbound frame (default 1 GiB).
 
     Examples
     --------
@@ -40,6 +45,7 @@ class LocalCluster(Cluster):
 
     poll_interval_s = 0.2
     retire_timeout_s = 30.0
+    shared_key_directory = False  # every process is on this machine
 
     def __init__(
         self,
@@ -54,6 +60,9 @@ class LocalCluster(Cluster):
         host: str = "127.0.0.1",
         resources: dict[str, float] | None = None,
         env: dict[str, str] | None = None,
+        security: Any = None,
+        keep_keys: bool = False,
+        max_message_bytes: int | str | None = None,
     ) -> None:
         import psutil
 
@@ -74,6 +83,9 @@ class LocalCluster(Cluster):
             memory_limit=memory_limit,
             lifetime=lifetime,
             lifetime_stagger=lifetime_stagger,
+            security=security,
+            keep_keys=keep_keys,
+            max_message_bytes=max_message_bytes,
         )
         self.threads_per_worker = threads_per_worker
         self.resources = dict(resources or {})

@@ -336,6 +336,10 @@ class SSHCluster(Cluster):
         Seconds between polls of the remote jobs and schedulers (default 1).
     name:
         Cluster name; prefixes job and worker names and the remote directory.
+    security, keep_keys, max_message_bytes:
+        As for every cluster (docs/security.md): new CurveZMQ keys by default. Each host gets
+        a copy of the key file in the remote directory, written through ssh's stdin with mode
+        0600 (never on a command line), and removed with that directory at close.
 
     Examples
     --------
@@ -350,6 +354,7 @@ class SSHCluster(Cluster):
     poll_interval_s = 1.0
     retire_timeout_s = 30.0
     control_persist_s = 60
+    shared_key_directory = False  # the hosts get copies; the original stays in cluster_dir
 
     def __init__(
         self,
@@ -372,6 +377,9 @@ class SSHCluster(Cluster):
         lifetime: Any = None,
         poll_interval: Any = None,
         name: str | None = None,
+        security: Any = None,
+        keep_keys: bool = False,
+        max_message_bytes: int | str | None = None,
     ) -> None:
         worker_hosts = parse_hosts("hosts", hosts)
         given_scheduler_hosts = (
@@ -414,6 +422,9 @@ class SSHCluster(Cluster):
             lifetime=lifetime,
             poll_interval=poll_interval,
             python=python,
+            security=security,
+            keep_keys=keep_keys,
+            max_message_bytes=max_message_bytes,
         )
         self.workers_per_job = workers_per_host
         self.threads_per_worker = threads_per_worker
@@ -425,6 +436,8 @@ class SSHCluster(Cluster):
         self.max_jobs_per_host = max_jobs_per_host
         self.connect_timeout = connect_timeout
         self.remote_directory = f"{(remote_directory or '/tmp').rstrip('/')}/{self.name}"
+        # each host gets a copy of the key file (over ssh's stdin, mode 0600), removed at close
+        self.remote_keyfile = f"{self.remote_directory}/cluster.keys"
         self.close_errors: list[str] = []
         self.control_directory = _control_directory()
         self._hosts: dict[str, _Host] = {}
@@ -460,12 +473,14 @@ class SSHCluster(Cluster):
         *,
         timeout: float = 60.0,
         check: bool = True,
+        shown: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``script`` with ``bash -s`` on ``host``; raise SSHError (host, stderr) on failure.
 
         The script goes on stdin: the remote login shell, whatever it is, only parses
-        ``bash -s``.
+        ``bash -s``. ``shown`` is what errors show of it instead (a script carrying keys).
         """
+        shown = script if shown is None else shown
         argv = [*self._ssh_argv(host), REMOTE_COMMAND]
         try:
             proc = subprocess.run(
@@ -478,10 +493,10 @@ class SSHCluster(Cluster):
         except subprocess.TimeoutExpired as exc:
             err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
             raise SSHError(
-                host, f"{what}: no answer within {timeout} s", argv, -1, err, script
+                host, f"{what}: no answer within {timeout} s", argv, -1, err, shown
             ) from None
         if check and proc.returncode != 0:
-            raise SSHError(host, what, argv, proc.returncode, proc.stderr, script)
+            raise SSHError(host, what, argv, proc.returncode, proc.stderr, shown)
         return proc
 
     def _resolve_address(self, host: str) -> str:
@@ -502,12 +517,24 @@ class SSHCluster(Cluster):
         return [*self.prologue, *(f"export {k}={shlex.quote(v)}" for k, v in self.env.items())]
 
     def _check_host(self, host: str) -> None:
-        """Make the remote directory, check that ``python`` imports jobqueue_ms, probe capacity."""
+        """Make the remote directory, copy the key file, check ``python``, probe capacity."""
         d = shlex.quote(self.remote_directory)
-        lines = [f"mkdir -p {d}", f"cd {d}", *self._prologue_lines()]
-        lines.append(shlex.join([self.python, "-c", _PROBE]))
+        lines = [f"mkdir -p {d}", f"chmod 700 {d}", f"cd {d}"]
+        shown = list(lines)
+        if self.security.encrypted:
+            assert self.security.path is not None
+            with open(self.security.path, encoding="utf-8") as f:  # on stdin: never in a ps line
+                copy = _heredoc(self.remote_keyfile, f.read())
+            lines += ["(umask 077", copy, ")"]
+            shown += [f"(umask 077; cat > {shlex.quote(self.remote_keyfile)})  # the key file"]
+        tail = [*self._prologue_lines(), shlex.join([self.python, "-c", _PROBE])]
         try:
-            proc = self._ssh(host, "set -e\n" + "\n".join(lines), "cannot prepare the host")
+            proc = self._ssh(
+                host,
+                "set -e\n" + "\n".join(lines + tail),
+                "cannot prepare the host",
+                shown="set -e\n" + "\n".join(shown + tail),
+            )
         except SSHError as exc:
             if exc.returncode != SSH_ERROR:
                 self._hosts[host].reached = True
@@ -563,7 +590,7 @@ class SSHCluster(Cluster):
         d = self.remote_directory
         argv = [self.python, "-m", "jobqueue_ms", "scheduler", "--host", self._hosts[host].address]
         argv += ["--port", str(self.scheduler_port), "--scheduler-file", f"{d}/scheduler-{i}.json"]
-        argv += ["--cluster-id", self.cluster_id]
+        argv += ["--cluster-id", self.cluster_id, *self._security_argv()]
         return render_script(
             "scheduler",
             f"scheduler-{i}",
@@ -744,6 +771,13 @@ class SSHCluster(Cluster):
                 f"{self.hosts}"
             )
         return host
+
+    def _security_argv(self) -> list[str]:
+        """As the base's, with the hosts' copy of the key file."""
+        argv = super()._security_argv()
+        if "--keyfile" in argv:
+            argv[argv.index("--keyfile") + 1] = self.remote_keyfile
+        return argv
 
     def _worker_argvs(self, record: JobRecord, host: str) -> list[list[str]]:
         address = self._hosts[host].address

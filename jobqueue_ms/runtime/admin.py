@@ -10,6 +10,7 @@ import zmq
 
 from .errors import CommError
 from .protocol import Kind, loads_control, pack
+from .security import Security
 
 
 class SchedulerAdmin:
@@ -18,9 +19,12 @@ class SchedulerAdmin:
     Thread-safe; one DEALER socket per scheduler, used under a lock.
     """
 
-    def __init__(self, addresses: list[str], timeout: float = 10.0) -> None:
+    def __init__(
+        self, addresses: list[str], timeout: float = 10.0, security: Security | str | None = None
+    ) -> None:
         self.addresses = list(addresses)
         self.timeout = timeout
+        self.security = Security.coerce(security, self.addresses)
         self._ctx = zmq.Context()
         self._lock = threading.Lock()
         self._socks: dict[str, Any] = {}
@@ -28,8 +32,7 @@ class SchedulerAdmin:
     def _sock(self, address: str) -> Any:
         s = self._socks.get(address)
         if s is None:
-            s = self._ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
+            s = self.security.socket(self._ctx, zmq.DEALER, server=False)
             s.connect(address)
             self._socks[address] = s
         return s

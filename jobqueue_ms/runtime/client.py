@@ -36,9 +36,11 @@ from .errors import (
     LostDataError,
     RemoteTraceback,
     SchedulerLostError,
+    TooManyTasksError,
     VersionMismatchError,
 )
 from .protocol import Kind, ProtocolError, loads_control, pack
+from .security import Security, SecurityError, describe_handshake_failure, watch_handshakes
 from .wakeup import Wakeup
 
 log = logging.getLogger("jobqueue_ms.client")
@@ -49,7 +51,9 @@ R_INLINE, R_REMOTE, R_ERROR, R_FAILED = range(4)
 _FAILURES: dict[str, type[Exception]] = {
     "KilledWorkerError": KilledWorkerError,
     "LostDataError": LostDataError,
+    "TooManyTasksError": TooManyTasksError,
 }
+_SLACK = 64 * 1024  # room for the framing around one task's payload in a message
 
 
 class DependencyError(JobqueueError):
@@ -156,7 +160,12 @@ class _Link:
         self.sock = sock
         self.state = "connecting"  # connecting | ready | lost | refused
         self.scheduler_id: str | None = None
-        self.outstanding = 0
+        self.outstanding = 0  # tasks sent there and not finished
+        self.held = 0  # tasks sent there and not released (what its per-client limit counts)
+        self.max_tasks = 1 << 62  # from the scheduler's welcome
+        self.max_message_bytes = 1 << 62
+        self.monitor: Any = None
+        self.refusal: str | None = None
         self.queued_hint = 0
         self.last_recv = time.monotonic()
         self.last_send = 0.0
@@ -214,15 +223,27 @@ def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any
     return [fn(*args) for args in chunk]
 
 
-def _resolve_addresses(address: Any, scheduler_file: str | None) -> list[str]:
+def _resolve(
+    address: Any, scheduler_file: str | None, security: Security | str | None
+) -> tuple[list[str], Security]:
+    """The scheduler addresses and the keys to reach them with."""
+    if scheduler_file is None and address is None:
+        scheduler_file = os.environ.get("JOBQUEUE_MS_SCHEDULER_FILE") or None
     if scheduler_file is not None:
         from .scheduler import read_scheduler_file
 
-        return read_scheduler_file(scheduler_file)["addresses"]
+        info = read_scheduler_file(scheduler_file)
+        if security is None:
+            return info["addresses"], Security.from_options(None, False, info)
+        return info["addresses"], Security.coerce(security)
+    addresses = _resolve_addresses(address)
+    if security is None and isinstance(getattr(address, "security", None), Security):
+        return addresses, address.security
+    return addresses, Security.coerce(security, addresses)
+
+
+def _resolve_addresses(address: Any) -> list[str]:
     if address is None:
-        env = os.environ.get("JOBQUEUE_MS_SCHEDULER_FILE")
-        if env:
-            return _resolve_addresses(None, env)
         env = os.environ.get("JOBQUEUE_MS_SCHEDULER")
         if env:
             return [a for a in env.split(",") if a]
@@ -255,6 +276,10 @@ class Client(cf.Executor):
         ``JOBQUEUE_MS_SCHEDULER`` / ``JOBQUEUE_MS_SCHEDULER_FILE``.
     timeout:
         Seconds to wait for at least one scheduler to accept the client.
+    security:
+        The cluster's key file (path) or a :class:`~jobqueue_ms.runtime.security.Security`.
+        Not needed with a cluster object, a scheduler file, a scheduler started in this
+        process, or ``$JOBQUEUE_MS_KEYFILE``.
 
     Examples
     --------
@@ -272,8 +297,9 @@ class Client(cf.Executor):
         name: str | None = None,
         heartbeat_interval_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
+        security: Security | str | None = None,
     ) -> None:
-        self.addresses = _resolve_addresses(address, scheduler_file)
+        self.addresses, self.security = _resolve(address, scheduler_file, security)
         self.client_id = uuid.uuid4().hex[:8]
         self.name = name or f"client-{self.client_id}"
         self.heartbeat_interval_s = heartbeat_interval_s or float(
@@ -302,13 +328,14 @@ class Client(cf.Executor):
         self._wakeup = Wakeup()
         self._links: list[_Link] = []
         for i, a in enumerate(self.addresses):
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
+            sock = self.security.socket(self._ctx, zmq.DEALER, server=False)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
+            link = _Link(i, a, sock)
+            link.monitor = watch_handshakes(sock)
             sock.connect(a)
-            self._links.append(_Link(i, a, sock))
+            self._links.append(link)
         self._thread = threading.Thread(
             target=self._io_loop, name="jobqueue-ms-client", daemon=True
         )
@@ -522,11 +549,22 @@ class Client(cf.Executor):
             raise ValueError(f"resources={resources!r} must be a dict like {{'GPU': 1}}")
         fhash, blob = self._function(fn)
         name = getattr(fn, "__name__", "task")
+        self._check_room(len(calls))
+        limit = self._max_item_bytes() - len(blob)
+        encoded = [self._payload(args, kwargs) for args, kwargs in calls]
+        for payload, _ in encoded:
+            if len(payload) > limit:
+                raise ValueError(
+                    f"a call of {name} pickles to {len(payload) + len(blob):,} bytes (function "
+                    f"{len(blob):,}), more than max_message_bytes allows "
+                    f"({self._max_item_bytes():,}); place large arguments on the cluster first "
+                    "(x = client.scatter(value); client.submit(f, x)), or raise the limit "
+                    "(max_message_bytes / $JOBQUEUE_MS_MAX_MESSAGE_BYTES) for every process"
+                )
         futures = []
         specs = []
         keys = self._keys
-        for args, kwargs in calls:
-            payload, deps = self._payload(args, kwargs)
+        for payload, deps in encoded:
             ckey = next(keys)
             fut = Future(self, ckey, name)
             spec = _Spec(ckey, fhash, blob, payload, deps or None, priority, retries, resources)
@@ -537,6 +575,27 @@ class Client(cf.Executor):
             self._futures[ckey] = fut
         self._command("submit", (specs, {fhash: blob}))
         return futures
+
+    def _max_item_bytes(self) -> int:
+        """The largest task or value one message may carry to every scheduler."""
+        limits = [lk.max_message_bytes for lk in self._links if lk.state == "ready"]
+        return min([self.security.max_message_bytes, *limits]) - _SLACK
+
+    def _check_room(self, n: int) -> None:
+        """Refuse, before anything is sent, tasks the schedulers' per-client limits exceed.
+
+        Counted here, in the caller's thread: every task not yet released, routed or not.
+        """
+        limits = [lk.max_tasks for lk in self._links if lk.state == "ready"]
+        held = len(self._specs)
+        if limits and held + n > sum(limits):
+            raise TooManyTasksError(
+                f"{n:,} more tasks would exceed the schedulers' limit of tasks per client: "
+                f"this client holds {held:,}, and {len(limits)} scheduler(s) take "
+                f"{', '.join(f'{m:,}' for m in limits)} each (max_tasks_per_client); tasks count "
+                "until their futures are released: wait for results and drop the futures, or "
+                "start the schedulers with a larger max_tasks_per_client"
+            )
 
     def _map(
         self,
@@ -582,14 +641,24 @@ class Client(cf.Executor):
             raise RuntimeError("cannot scatter after shutdown")
         futures = []
         items = []
-        for v in values:
+        encoded = [protocol.dumps_user(v) for v in values]
+        limit = self._max_item_bytes()
+        for data in encoded:
+            if len(data) > limit:
+                raise ValueError(
+                    f"a scattered value pickles to {len(data):,} bytes, more than "
+                    f"max_message_bytes allows ({limit:,}); split it, or raise the limit "
+                    "(max_message_bytes / $JOBQUEUE_MS_MAX_MESSAGE_BYTES) for every process"
+                )
+        self._check_room(len(values))
+        for v, data in zip(values, encoded, strict=True):
             ckey = next(self._keys)
             fut = Future(self, ckey, "scatter")
             self._pending[ckey] = fut
             self._futures[ckey] = fut
             self._scattered[ckey] = v
             futures.append(fut)
-            items.append((ckey, protocol.dumps_user(v)))
+            items.append((ckey, data))
         self._command("scatter", items)
         return futures
 
@@ -609,8 +678,7 @@ class Client(cf.Executor):
             socks = self._local.socks = {}
         s = socks.get(address)
         if s is None:
-            s = self._ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
+            s = self.security.socket(self._ctx, zmq.DEALER, server=False)
             s.connect(address)
             socks[address] = s
         return s
@@ -681,9 +749,13 @@ class Client(cf.Executor):
         poller = zmq.Poller()
         poller.register(self._wakeup.fd, zmq.POLLIN)
         by_sock = {}
+        by_monitor = {}
         for link in self._links:
             poller.register(link.sock, zmq.POLLIN)
             by_sock[link.sock] = link
+            if link.monitor is not None:
+                poller.register(link.monitor, zmq.POLLIN)
+                by_monitor[link.monitor] = link
         handlers = {
             Kind.WELCOME: self._on_welcome,
             Kind.REFUSED: self._on_refused,
@@ -701,6 +773,9 @@ class Client(cf.Executor):
                     if sock == self._wakeup.fd:
                         self._wakeup.drain()
                         continue
+                    if sock in by_monitor:
+                        self._on_monitor(by_monitor[sock])
+                        continue
                     link = by_sock[sock]
                     for _ in range(1000):
                         try:
@@ -713,8 +788,8 @@ class Client(cf.Executor):
                             if handler is None:
                                 raise ProtocolError("unknown message kind")
                             handler(link, loads_control(frames[1].buffer))
-                        except (ProtocolError, IndexError, KeyError, TypeError) as exc:
-                            log.warning("dropped a malformed message: %s", exc)
+                        except Exception as exc:  # noqa: BLE001 - keep serving the others
+                            log.warning("dropped a malformed message: %s", exc, exc_info=True)
                 if self._inbox and not self._process_inbox():
                     break
                 if self._releases:
@@ -731,9 +806,30 @@ class Client(cf.Executor):
         finally:
             for link in self._links:
                 if link.state == "ready":
-                    link.sock.send_multipart(pack(Kind.GOODBYE, None), zmq.NOBLOCK)
+                    self._send(link, Kind.GOODBYE, None)  # never raises: every socket closes
+                if link.monitor is not None:
+                    link.sock.disable_monitor()
+                    link.monitor.close(linger=0)
                 link.sock.close(linger=100)
             self._closed.set()
+
+    def _on_monitor(self, link: _Link) -> None:
+        """A handshake with this scheduler failed: wrong keys, or one side is plaintext."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        event = recv_monitor_message(link.monitor)
+        if link.refusal is not None or link.state == "ready":
+            return  # said once; libzmq keeps retrying in the background
+        link.refusal = describe_handshake_failure(
+            event["event"], event["value"], link.address, self.security
+        )
+        link.state = "refused"
+        log.error("%s", link.refusal)
+        if all(lk.state != "connecting" for lk in self._links):
+            self._all_answered.set()
+        if not self._ready.is_set() and all(lk.state == "refused" for lk in self._links):
+            self._error = SecurityError("; ".join(lk.refusal or "" for lk in self._links))
+            self._ready.set()
 
     def _send(self, link: _Link, kind: bytes, control: Any) -> bool:
         try:
@@ -760,6 +856,7 @@ class Client(cf.Executor):
                     spec.sched = link.index
                     self._specs[k] = spec
                 link.outstanding += len(arg)
+                link.held += len(arg)
                 self._send(link, Kind.SCATTER, arg)
             elif kind == "cancel":
                 by: dict[int, list[int]] = {}
@@ -768,6 +865,7 @@ class Client(cf.Executor):
                     if spec is not None and spec.sched >= 0:
                         by.setdefault(spec.sched, []).append(k)
                         self._links[spec.sched].outstanding -= 1
+                        self._links[spec.sched].held -= 1
                         spec.sched = -2
                 for i, keys in by.items():
                     self._send(self._links[i], Kind.CANCEL, keys)
@@ -782,7 +880,7 @@ class Client(cf.Executor):
     def _least_loaded(self, exclude: int = -1) -> _Link | None:
         best = None
         for link in self._links:
-            if link.state != "ready" or link.index == exclude:
+            if link.state != "ready" or link.index == exclude or link.held >= link.max_tasks:
                 continue
             if best is None or (link.outstanding + link.queued_hint) < (
                 best.outstanding + best.queued_hint
@@ -805,7 +903,7 @@ class Client(cf.Executor):
                     continue
                 target, wire = entry
             else:
-                if n_in_chunk >= chunk or link is None:
+                if n_in_chunk >= chunk or link is None or link.held >= link.max_tasks:
                     link = self._least_loaded()
                     n_in_chunk = 0
                     if link is None:
@@ -826,6 +924,7 @@ class Client(cf.Executor):
                 n_in_chunk += 1
             spec.sched = target.index
             target.outstanding += 1
+            target.held += 1
             batches.setdefault(target.index, []).append(wire)
         for i, tasks in batches.items():
             link = self._links[i]
@@ -919,6 +1018,7 @@ class Client(cf.Executor):
             self._scattered.pop(k, None)
             if spec is not None and spec.sched >= 0:
                 by.setdefault(spec.sched, []).append(k)
+                self._links[spec.sched].held -= 1
         for i, keys in by.items():
             if self._links[i].state == "ready":
                 self._send(self._links[i], Kind.RELEASE, keys)
@@ -927,6 +1027,8 @@ class Client(cf.Executor):
         restarted = link.scheduler_id is not None and link.scheduler_id != msg["scheduler_id"]
         link.scheduler_id = msg["scheduler_id"]
         link.state = "ready"
+        link.max_tasks = msg.get("max_tasks_per_client", link.max_tasks)
+        link.max_message_bytes = msg.get("max_message_bytes", link.max_message_bytes)
         if restarted:
             link.known_funcs.clear()
         self._ready.set()
@@ -1036,6 +1138,7 @@ class Client(cf.Executor):
         link.scheduler_id = None
         link.known_funcs.clear()
         link.outstanding = 0
+        link.held = 0
         for w in link.info_waiters:
             w.set_exception(CommError(f"scheduler {link.address} lost ({reason})"))
         link.info_waiters.clear()
@@ -1088,7 +1191,18 @@ class Client(cf.Executor):
             self._route(redo, funcs)
 
     def _fail_all_lost(self, ckeys: list[int]) -> None:
-        err = SchedulerLostError(f"no scheduler is reachable (tried {', '.join(self.addresses)})")
+        ready = [lk for lk in self._links if lk.state == "ready"]
+        err: JobqueueError
+        if ready:  # reachable, but every one holds its limit of this client's tasks
+            err = TooManyTasksError(
+                "every scheduler holds its limit of this client's tasks ("
+                + ", ".join(f"{lk.address}: {lk.max_tasks:,}" for lk in ready)
+                + "); release futures of finished tasks before submitting more"
+            )
+        else:
+            err = SchedulerLostError(
+                f"no scheduler is reachable (tried {', '.join(self.addresses)})"
+            )
         for k in ckeys:
             f = self._pending.pop(k, None)
             if f is not None and not f.done():

@@ -23,6 +23,10 @@ class LostDataError(JobqueueError):
     """A result was lost with the worker that held it and could not be recomputed."""
 
 
+class TooManyTasksError(JobqueueError):
+    """A client would hold more tasks on a scheduler than its ``max_tasks_per_client``."""
+
+
 class SchedulerLostError(JobqueueError):
     """Every scheduler a client knows is gone."""
 

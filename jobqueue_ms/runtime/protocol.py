@@ -16,6 +16,7 @@ client that asked for the result. Schedulers never unpickle user data.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import platform
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 
 from .._version import __version__
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: CurveZMQ, drop, ready counts in heartbeat answers
 
 
 class Kind:
@@ -91,6 +92,121 @@ def pack(kind: bytes, control: Any = None, buffers: list[Any] | None = None) -> 
     if buffers:
         frames.extend(buffers)
     return frames
+
+
+# ---------------------------------------------------------------------------- validation
+# A control frame is plain data, but of any shape: a buggy or hostile member of the cluster can
+# send anything. What a handler stores and uses later is checked here first, so a bad message is
+# dropped and counted (ProtocolError) instead of breaking the process then or later.
+
+
+def _fail(what: str, value: Any) -> ProtocolError:
+    return ProtocolError(f"{what}: {type(value).__name__} {str(value)[:40]!r}")
+
+
+def want_dict(msg: Any, what: str) -> dict[str, Any]:
+    if type(msg) is not dict:
+        raise _fail(f"{what} must be a dict", msg)
+    return msg
+
+
+def want_int(value: Any, what: str, minimum: int = 0) -> int:
+    if type(value) is not int or value < minimum:
+        raise _fail(f"{what} must be an integer >= {minimum}", value)
+    return value
+
+
+def want_str(value: Any, what: str, optional: bool = False) -> str | None:
+    if (value is None and optional) or type(value) is str:
+        return value  # type: ignore[no-any-return]
+    raise _fail(f"{what} must be a string", value)
+
+
+def want_number(value: Any, what: str, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise _fail(f"{what} must be a finite number >= 0", value)
+    return value  # type: ignore[no-any-return]
+
+
+def want_resources(value: Any, what: str) -> dict[str, float]:
+    """None or ``{name: amount > 0}``."""
+    if value is None:
+        return {}
+    if type(value) is not dict or not all(
+        type(k) is str and type(v) in (int, float) and math.isfinite(v) and v > 0
+        for k, v in value.items()
+    ):
+        raise _fail(f"{what} must map names to positive amounts", value)
+    return value
+
+
+def want_keys(value: Any, what: str) -> list[int]:
+    """A list of integer keys."""
+    if type(value) is not list or not all(type(k) is int for k in value):
+        raise _fail(f"{what} must be a list of integer keys", value)
+    return value
+
+
+def check_hello(msg: Any) -> dict[str, Any]:
+    """A HELLO: its role, versions and, for a worker, what the scheduler keeps of it."""
+    msg = want_dict(msg, "hello")
+    role = msg.get("role")
+    versions = msg.get("versions")
+    if type(versions) is not dict or not all(type(v) is str for v in versions.values()):
+        raise _fail("hello versions must map names to strings", versions)
+    if role == "client":
+        want_str(msg.get("client_id"), "hello client_id")
+        want_str(msg.get("name"), "hello name")
+    elif role == "worker":
+        want_str(msg.get("name"), "hello name")
+        want_str(msg.get("job"), "hello job", optional=True)
+        want_str(msg.get("host", ""), "hello host")
+        want_int(msg.get("pid", 0), "hello pid")
+        want_int(msg.get("nthreads", 1), "hello nthreads", 1)
+        want_resources(msg.get("resources"), "hello resources")
+        address = want_str(msg.get("data_address"), "hello data_address")
+        if not address or not address.startswith("tcp://"):
+            raise _fail("hello data_address must be tcp://host:port", address)
+        want_number(msg.get("memory_limit"), "hello memory_limit", optional=True)
+        want_number(msg.get("lifetime_end"), "hello lifetime_end", optional=True)
+    else:
+        raise _fail("hello role must be 'client' or 'worker'", role)
+    return msg
+
+
+def check_grant(msg: Any, what: str) -> dict[str, Any]:
+    """A LEASE or REVOKE: ``n`` slots and resources."""
+    msg = want_dict(msg, what)
+    want_int(msg.get("n"), f"{what} n")
+    want_resources(msg.get("resources"), f"{what} resources")
+    if "status" in msg:
+        want_dict(msg["status"], f"{what} status")
+    return msg
+
+
+def frame_budget(max_message_bytes: int) -> int:
+    """Bytes of user data to put in one batched control frame: a quarter of the per-frame
+    limit, at most 64 MiB (one item alone may be larger, up to the limit)."""
+    return max(1 << 16, min(64 << 20, max_message_bytes // 4))
+
+
+def split_by_size(items: list[Any], field: int, budget: int) -> list[list[Any]]:
+    """Split batched items (tuples whose ``field`` may be bytes) into parts of about ``budget``
+    bytes, so no control frame outgrows the receiver's limit. One part in the common case."""
+    sizes = [len(it[field]) if type(it[field]) is bytes else 64 for it in items]
+    if sum(sizes) <= budget:
+        return [items]
+    parts: list[list[Any]] = [[]]
+    used = 0
+    for it, n in zip(items, sizes, strict=True):
+        if parts[-1] and used + n > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append(it)
+        used += n
+    return parts
 
 
 _PLAIN = (int, float, str, bytes, bool, type(None), complex)

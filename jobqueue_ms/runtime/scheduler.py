@@ -10,6 +10,7 @@ The scheduler never unpickles user data: functions, arguments and results are op
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -25,7 +26,17 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .protocol import Kind, ProtocolError, loads_control, pack
+from .protocol import (
+    Kind,
+    ProtocolError,
+    check_grant,
+    check_hello,
+    loads_control,
+    pack,
+    want_dict,
+    want_keys,
+)
+from .security import ENV_KEYFILE, Guard, Security, default_for, register, unregister
 
 log = logging.getLogger("jobqueue_ms.scheduler")
 
@@ -37,6 +48,7 @@ R_INLINE, R_REMOTE, R_ERROR, R_FAILED = range(4)
 D_INLINE, D_STORED, D_ERROR = range(3)
 
 CLIENT_BITS = 40  # internal key = client index << CLIENT_BITS | client's own key
+DEFAULT_MAX_TASKS_PER_CLIENT = 1_000_000  # ~0.5 GB of scheduler memory at most per client
 
 
 class Task:
@@ -163,6 +175,15 @@ class Scheduler:
         Peers silent for longer than the timeout are considered dead and their work recovered.
     max_attempts:
         A task that was running on this many workers that died fails with KilledWorkerError.
+    security:
+        The cluster's keys (:class:`~jobqueue_ms.runtime.security.Security`) or the path of its
+        key file. None: ``$JOBQUEUE_MS_KEYFILE`` if set, else new keys owned by this scheduler
+        (written to the key directory, removed by ``stop()``).
+    max_message_bytes:
+        The largest inbound frame (default 1 GiB or ``$JOBQUEUE_MS_MAX_MESSAGE_BYTES``).
+    max_tasks_per_client:
+        Tasks one client may have here at once (finished ones it still holds included); more
+        fail at once with ``TooManyTasksError``, so one client cannot take the memory of all.
 
     Examples
     --------
@@ -182,6 +203,9 @@ class Scheduler:
         heartbeat_timeout_s: float | None = None,
         max_attempts: int = 3,
         inline_result_limit: int | None = None,
+        security: Security | str | None = None,
+        max_message_bytes: int | None = None,
+        max_tasks_per_client: int = DEFAULT_MAX_TASKS_PER_CLIENT,
     ) -> None:
         self.host = host or _default_host()
         self.port = port
@@ -195,6 +219,22 @@ class Scheduler:
             os.environ.get("JOBQUEUE_MS_HEARTBEAT_TIMEOUT", "10")
         )
         self.max_attempts = max_attempts
+        if not isinstance(max_tasks_per_client, int) or max_tasks_per_client < 1:
+            raise ValueError(f"max_tasks_per_client={max_tasks_per_client!r} must be >= 1")
+        self.max_tasks_per_client = max_tasks_per_client
+        self._owns_keys = (
+            security is None and default_for([]) is None and not os.environ.get(ENV_KEYFILE)
+        )
+        if self._owns_keys:
+            self.security = Security.generate(
+                name=f"scheduler-{self.scheduler_id}", max_message_bytes=max_message_bytes
+            )
+        else:
+            self.security = Security.coerce(security)
+            if max_message_bytes:
+                self.security = dataclasses.replace(
+                    self.security, max_message_bytes=max_message_bytes
+                )
         self.address = ""
         self.tasks: dict[int, Task] = {}
         self.clients: dict[bytes, ClientRecord] = {}
@@ -213,7 +253,12 @@ class Scheduler:
             "dropped_frames": 0,
             "refused": 0,
             "functions_asked_again": 0,
+            "tasks_refused_limit": 0,
         }
+        self._guard: Guard | None = None
+        # batched messages are split well below the peers' per-frame limit
+        self._frame_budget = protocol.frame_budget(self.security.max_message_bytes)
+        self._logged_refusals: set[str] = set()
         self._client_index = itertools.count(1)
         self._refused_peers: dict[bytes, float] = {}
         self._dirty_clients: set[ClientRecord] = set()
@@ -268,16 +313,23 @@ class Scheduler:
             self._close()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving and close the socket."""
+        """Stop serving and close the socket (and remove keys this scheduler made)."""
         self._running = False
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self._owns_keys:
+            self.security.remove()
+
+    @property
+    def scheduler_addresses(self) -> list[str]:
+        """``[address]``, so ``Client(scheduler)`` works like ``Client(cluster)``."""
+        return [self.address] if self.address else []
 
     def _bind(self) -> None:
         """Bind the ROUTER socket and write the scheduler file."""
         self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = self.security.socket(self._ctx, zmq.ROUTER, server=True)
+        self._guard = Guard(self._ctx, self.security, [sock])
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -294,9 +346,14 @@ class Scheduler:
         self._sock = sock
         self.address = f"tcp://{self.host}:{self.port}"
         self._running = True
+        register([self.address], self.security)
         if self.scheduler_file:
-            write_scheduler_file(self.scheduler_file, [self.address], self.cluster_id)
-        log.info("scheduler %s listening at %s", self.scheduler_id, self.address)
+            write_scheduler_file(
+                self.scheduler_file, [self.address], self.cluster_id, self.security
+            )
+        log.info(
+            "scheduler %s listening at %s (%r)", self.scheduler_id, self.address, self.security
+        )
 
     def _close(self) -> None:
         """Tell peers we are going and close the socket."""
@@ -305,6 +362,7 @@ class Scheduler:
                 self._send(w.ident, Kind.GOODBYE, {"scheduler_id": self.scheduler_id})
             self._sock.close(linger=200)
             self._sock = None
+            unregister([self.address])
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -336,7 +394,11 @@ class Scheduler:
                 next_check = now + self.heartbeat_interval_s
 
     def _handle(self, frames: list[Any], handlers: dict[bytes, Any]) -> None:
-        """Decode one message and call its handler; drop and count anything malformed."""
+        """Decode one message and call its handler; drop and count anything malformed.
+
+        Nothing a peer sends may stop the scheduler: what the validators in ``protocol`` let
+        through and a handler still chokes on is dropped too (and logged with its traceback).
+        """
         try:
             ident = frames[0].bytes
             kind = frames[1].bytes
@@ -345,10 +407,15 @@ class Scheduler:
                 raise ProtocolError(f"unknown message kind {kind[:20]!r}")
             control = loads_control(frames[2].buffer)
             handler(ident, control, frames[3:])
-        except (ProtocolError, IndexError, KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - see the docstring
             self.counters["dropped_frames"] += 1
             if self.counters["dropped_frames"] <= 10:
-                log.warning("dropped a malformed message: %s", exc)
+                expected = (ProtocolError, IndexError, KeyError, TypeError, ValueError)
+                log.warning(
+                    "dropped a malformed message (logged for the first 10): %s",
+                    exc,
+                    exc_info=not isinstance(exc, expected),
+                )
 
     def _send(self, ident: bytes, kind: bytes, control: Any = None, buffers: Any = None) -> None:
         """Send one message to a peer (never blocks; a vanished peer's messages are dropped)."""
@@ -361,12 +428,15 @@ class Scheduler:
     # ------------------------------------------------------------------ registration
     def _on_hello(self, ident: bytes, msg: dict[str, Any], _: list[Any]) -> None:
         """Register a client or worker after checking versions."""
+        msg = check_hello(msg)
         role = msg["role"]
         mismatch = protocol.version_mismatch(self._versions, msg["versions"], role)
         if mismatch:
             self.counters["refused"] += 1
             reason = f"scheduler {self.address} refused {role}: {mismatch}"
-            log.warning(reason)
+            if reason not in self._logged_refusals and len(self._logged_refusals) < 100:
+                self._logged_refusals.add(reason)  # once per kind of peer, not per message
+                log.warning("%s (logged once; %d refused so far)", reason, self.counters["refused"])
             self._send(ident, Kind.REFUSED, {"reason": reason, "versions": self._versions})
             return
         welcome = {
@@ -375,6 +445,8 @@ class Scheduler:
             "versions": self._versions,
             "address": self.address,
             "heartbeat_interval_s": self.heartbeat_interval_s,
+            "max_tasks_per_client": self.max_tasks_per_client,
+            "max_message_bytes": self.security.max_message_bytes,
         }
         if role == "worker":
             old = self.workers.pop(ident, None)
@@ -413,7 +485,7 @@ class Scheduler:
         if w is not None:
             w.last_seen = time.monotonic()
             if msg:
-                w.status = msg
+                w.status = want_dict(msg, "worker status")
             self._send(ident, Kind.HEARTBEAT, self._work_hint())
             return
         c = self.clients.get(ident)
@@ -433,6 +505,8 @@ class Scheduler:
         for c in [c for c in self.clients.values() if c.last_seen < limit]:
             log.warning("client %s missed its heartbeats; releasing its tasks", c.name)
             self._remove_client(c)
+        if len(self._refused_peers) > 1000:  # unknown peers are asked to rejoin once a second
+            self._refused_peers = {k: t for k, t in self._refused_peers.items() if now - t <= 1.0}
         self._dispatch()
         self._flush_clients()
 
@@ -457,7 +531,16 @@ class Scheduler:
         if c is None:
             return
         funcs = self.funcs
-        for fhash, blob in msg["funcs"].items():
+        sent = want_dict(msg, "submit").get("funcs")
+        if type(sent) is not dict or not all(
+            type(h) is bytes and type(b) is bytes for h, b in sent.items()
+        ):
+            raise ProtocolError("submit funcs must map hashes (bytes) to blobs (bytes)")
+        if type(msg.get("tasks")) is not list or not all(
+            type(t) is tuple and len(t) == 7 for t in msg["tasks"]
+        ):
+            raise ProtocolError("submit tasks must be a list of 7-tuples")
+        for fhash, blob in sent.items():
             if fhash not in funcs:
                 funcs[fhash] = [blob, 0]
                 self._idle_funcs[fhash] = None
@@ -498,10 +581,38 @@ class Scheduler:
         funcs = self.funcs
         base = c.index << CLIENT_BITS
         tasks = self.tasks
-        for ckey, fhash, payload, deps, priority, retries, resources in batch:
+        room = self.max_tasks_per_client - c.ntasks
+        for entry in batch:
+            try:
+                ckey, fhash, payload, deps, priority, retries, resources = entry
+                if not (
+                    type(ckey) is int
+                    and 0 < ckey < (1 << CLIENT_BITS)
+                    and type(payload) is bytes
+                    and fhash in funcs
+                    and type(priority) is int
+                    and type(retries) is int
+                    and (deps is None or type(deps) is list)
+                    and (resources is None or protocol.want_resources(resources, "resources"))
+                ):
+                    raise ProtocolError("bad task")
+            except (ValueError, TypeError, ProtocolError):
+                self.counters["dropped_frames"] += 1  # a malformed task; the others go on
+                continue
             key = base | ckey
             if key in tasks:
                 continue  # a resubmission of a task we still have: exactly once
+            if room <= 0:
+                self.counters["tasks_refused_limit"] += 1
+                self._fail_task_direct(
+                    c,
+                    ckey,
+                    "TooManyTasksError",
+                    f"scheduler {self.address} holds {c.ntasks:,} tasks of this client, its "
+                    f"limit (max_tasks_per_client={self.max_tasks_per_client:,})",
+                )
+                continue
+            room -= 1
             entry = funcs[fhash]
             if entry[1] <= 0:
                 self._idle_funcs.pop(fhash, None)
@@ -546,7 +657,7 @@ class Scheduler:
             return
         base = c.index << CLIENT_BITS
         tasks = self.tasks
-        for ckey in msg:
+        for ckey in _client_keys(msg, "release"):
             t = tasks.get(base | ckey)
             if t is not None:
                 t.wanted = False
@@ -559,7 +670,7 @@ class Scheduler:
             return
         base = c.index << CLIENT_BITS
         drop: dict[WorkerRecord, list[int]] = {}
-        for ckey in msg:
+        for ckey in _client_keys(msg, "cancel"):
             t = self.tasks.get(base | ckey)
             if t is None or t.state in (DONE, ERRED, CANCELLED):
                 continue
@@ -580,6 +691,15 @@ class Scheduler:
         if c is None:
             return
         base = c.index << CLIENT_BITS
+        if type(msg) is not list or not all(
+            type(e) is tuple
+            and len(e) == 2
+            and type(e[0]) is int
+            and 0 < e[0] < (1 << CLIENT_BITS)
+            and type(e[1]) is bytes
+            for e in msg
+        ):
+            raise ProtocolError("scatter must be a list of (key, bytes)")
         for ckey, data in msg:
             key = base | ckey
             if key in self.tasks:
@@ -631,9 +751,11 @@ class Scheduler:
         if not self._dirty_clients:
             return
         hint = self.n_ready
+        budget = self._frame_budget
         for c in self._dirty_clients:
             if c.outbox and c.ident in self.clients:
-                self._send(c.ident, Kind.RESULTS, {"results": c.outbox, "queued": hint})
+                for part in protocol.split_by_size(c.outbox, 2, budget):
+                    self._send(c.ident, Kind.RESULTS, {"results": part, "queued": hint})
             c.outbox = []
         self._dirty_clients.clear()
 
@@ -718,6 +840,7 @@ class Scheduler:
         w = self._worker(ident)
         if w is None:
             return
+        check_grant(msg, "lease")
         w.lease += msg["n"]
         for name, amount in (msg.get("resources") or {}).items():
             w.lease_resources[name] = w.lease_resources.get(name, 0) + amount
@@ -732,6 +855,7 @@ class Scheduler:
         w = self._worker(ident)
         if w is None:
             return
+        check_grant(msg, "revoke")
         n = min(msg["n"], w.lease)
         w.lease -= n
         res = {}
@@ -900,10 +1024,13 @@ class Scheduler:
                     else:
                         deps.append((dckey, src))
             out.append((t.key, t.fhash, t.payload, deps, t.resources))
-        msg = {"tasks": out, "funcs": funcs, "more": self.n_ready}
-        if self.ready_resourced:
-            msg["resources"] = self._resource_demand()
-        self._send(w.ident, Kind.TASKS, msg)
+        resources = self._resource_demand() if self.ready_resourced else None
+        parts = protocol.split_by_size(out, 2, self._frame_budget - sum(map(len, funcs.values())))
+        for i, part in enumerate(parts):
+            msg = {"tasks": part, "funcs": funcs if i == 0 else {}, "more": self.n_ready}
+            if resources is not None:
+                msg["resources"] = resources
+            self._send(w.ident, Kind.TASKS, msg)
 
     # ------------------------------------------------------------------ results
     def _on_started(self, ident: bytes, msg: list[int], _: list[Any]) -> None:
@@ -912,7 +1039,7 @@ class Scheduler:
         if w is None:
             return
         tasks = self.tasks
-        for key in msg:
+        for key in want_keys(msg, "started"):
             t = tasks.get(key)
             if t is not None and t.worker is w:
                 t.started = True
@@ -922,13 +1049,18 @@ class Scheduler:
         w = self._worker(ident)
         if w is None:
             return
+        msg = want_dict(msg, "done")
         if "status" in msg:
-            w.status = msg["status"]
+            w.status = want_dict(msg["status"], "worker status")
+        lease_back = protocol.want_int(msg.get("lease", 0), "done lease")
+        back_resources = protocol.want_resources(msg.get("resources"), "done resources")
+        done = msg.get("done")
+        if type(done) is not list or not all(_well_formed_done(e) for e in done):
+            raise ProtocolError("done must be a list of (key, status, value, duration)")
         tasks = self.tasks
         dirty = self._dirty_clients
         ewma = self.duration_ewma
-        lease_back = msg.get("lease", 0)
-        for key, status, value, duration in msg["done"]:
+        for key, status, value, duration in done:
             w.assigned.discard(key)
             t = tasks.get(key)
             ewma = duration if ewma is None else 0.95 * ewma + 0.05 * duration
@@ -983,7 +1115,7 @@ class Scheduler:
         if lease_back:
             w.lease += lease_back
             self.leased[ident] = w
-        for name, amount in (msg.get("resources") or {}).items():
+        for name, amount in back_resources.items():
             w.lease_resources[name] = w.lease_resources.get(name, 0) + amount
 
     def _on_missing(self, ident: bytes, msg: dict[str, Any], _: list[Any]) -> None:
@@ -991,7 +1123,13 @@ class Scheduler:
         w = self._worker(ident)
         if w is None:
             return
-        for key, dep_key in msg["missing"]:
+        missing = want_dict(msg, "missing").get("missing")
+        if type(missing) is not list or not all(
+            type(e) in (tuple, list) and len(e) == 2 and all(type(k) is int for k in e)
+            for e in missing
+        ):
+            raise ProtocolError("missing must be a list of (key, input key)")
+        for key, dep_key in missing:
             w.assigned.discard(key)
             t = self.tasks.get(key)
             if t is None or t.worker is not w:
@@ -1017,7 +1155,7 @@ class Scheduler:
         w = self._worker(ident)
         if w is None:
             return
-        for key in msg:
+        for key in want_keys(msg, "stored"):
             t = self.tasks.get(key)
             if t is None or t.state != DONE:
                 self._send(ident, Kind.RELEASE, [key])
@@ -1117,7 +1255,10 @@ class Scheduler:
             self.leased.pop(ident, None)
             self._hand_off(w)
             return
-        names = set(msg["names"])
+        names = want_dict(msg, "retire").get("names")
+        if type(names) is not list or not all(type(n) is str for n in names):
+            raise ProtocolError("retire names must be a list of strings")
+        names = set(names)
         for w in self.workers.values():
             if w.name in names or (w.job is not None and w.job in names):
                 self._send(w.ident, Kind.RETIRE, {"scheduler_id": self.scheduler_id})
@@ -1178,6 +1319,7 @@ class Scheduler:
                     "status": "retiring" if w.retiring else st.get("state", "running"),
                     "lifetime_end": w.lifetime_end,
                     "peak_running": st.get("peak_running", 0),
+                    "dropped_frames": st.get("dropped_frames", 0),
                     "executed": st.get("executed", {}),
                 }
             )
@@ -1191,7 +1333,8 @@ class Scheduler:
             "tasks_total": len(self.tasks),
             "task_duration_s": self.duration_ewma,
             "clients": len(self.clients),
-            "counters": dict(self.counters),
+            "counters": {**self.counters, **(self._guard.counters if self._guard else {})},
+            "security": "curve" if self.security.encrypted else "plaintext",
             "workers": workers,
         }
 
@@ -1199,6 +1342,30 @@ class Scheduler:
         """Admin: stop this scheduler."""
         self._send(ident, Kind.SHUTDOWN, {"ok": True})
         self._running = False
+
+
+def _client_keys(msg: Any, what: str) -> list[int]:
+    """A client's own keys: below ``1 << CLIENT_BITS``, so none reaches another client's tasks."""
+    keys = want_keys(msg, what)
+    if not all(0 < k < (1 << CLIENT_BITS) for k in keys):
+        raise ProtocolError(f"{what}: a key out of this client's range")
+    return keys
+
+
+def _well_formed_done(entry: Any) -> bool:
+    """One DONE entry: (key, status, value, duration) with the value its status needs."""
+    if type(entry) is not tuple or len(entry) != 4:
+        return False
+    key, status, value, duration = entry
+    if type(key) is not int or type(duration) not in (int, float):
+        return False
+    if status == D_INLINE:
+        return type(value) is bytes
+    if status == D_STORED:
+        return type(value) is int and value >= 0
+    if status == D_ERROR:
+        return type(value) is tuple and len(value) == 3 and type(value[0]) is bytes
+    return False
 
 
 def _fits(need: dict[str, float] | None, have: dict[str, float]) -> bool:
@@ -1209,8 +1376,13 @@ def _dep_failed_text(dep: Task) -> str:
     return f"an input task ({dep.key & ((1 << CLIENT_BITS) - 1)}) failed or was cancelled"
 
 
-def write_scheduler_file(path: str, addresses: list[str], cluster_id: str) -> None:
-    """Write a scheduler file atomically (readers never see half a file)."""
+def write_scheduler_file(
+    path: str, addresses: list[str], cluster_id: str, security: Security
+) -> None:
+    """Write a scheduler file atomically (readers never see half a file).
+
+    It names the key file (``keyfile``), never a key: scheduler files sit on shared filesystems.
+    """
     data = {
         "protocol": protocol.PROTOCOL_VERSION,
         "cluster_id": cluster_id,
@@ -1218,6 +1390,7 @@ def write_scheduler_file(path: str, addresses: list[str], cluster_id: str) -> No
         "addresses": list(addresses),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        **security.scheduler_file_fields(),
     }
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:

@@ -31,6 +31,7 @@ import zmq
 
 from . import protocol
 from .protocol import Kind, ProtocolError, dumps_user, loads_control, pack
+from .security import Guard, Security, describe_handshake_failure, watch_handshakes
 from .wakeup import Wakeup
 
 log = logging.getLogger("jobqueue_ms.worker")
@@ -62,6 +63,8 @@ class _SchedulerLink:
         self.last_recv = time.monotonic()
         self.last_send = 0.0
         self.last_hello = 0.0
+        self.monitor: Any = None
+        self.refusal: str | None = None
         self.done: list[tuple[Any, ...]] = []
         self.started: list[int] = []
         self.dropped: set[int] = set()  # queued tasks not to start (the executors skip them)
@@ -130,6 +133,9 @@ class Worker:
         The same as an absolute time (epoch seconds); the nanny passes it to restarted workers.
     host:
         Address to bind the data port to (what peers and clients connect to).
+    security:
+        The cluster's keys or key file path (see :class:`~jobqueue_ms.runtime.security.Security`);
+        None: those of schedulers started in this process, else ``$JOBQUEUE_MS_KEYFILE``.
     """
 
     def __init__(
@@ -146,6 +152,7 @@ class Worker:
         heartbeat_interval_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
         inline_result_limit: int = 64 * 1024,
+        security: Security | str | None = None,
     ) -> None:
         from ..units import parse_memory
 
@@ -154,6 +161,8 @@ class Worker:
         if nthreads < 1:
             raise ValueError(f"nthreads={nthreads!r} must be a positive integer")
         self.scheduler_addresses = list(dict.fromkeys(schedulers))
+        self.security = Security.coerce(security, self.scheduler_addresses)
+        self._frame_budget = protocol.frame_budget(self.security.max_message_bytes)
         self.nthreads = nthreads
         self.memory_limit = (
             parse_memory(memory_limit, "memory_limit") if memory_limit is not None else None
@@ -196,6 +205,7 @@ class Worker:
         self._retire_deadline = 0.0
         self._retire_sent = False
         self._last_busy = time.monotonic()
+        self._dropped_frames = 0
         self._memory = 0
         self._proc: Any = None
         self._handlers = {
@@ -217,25 +227,28 @@ class Worker:
         """Serve until retired, expired or stopped; return the process exit code."""
         self._ctx = zmq.Context()
         self._wakeup = Wakeup()
-        self._data = self._ctx.socket(zmq.ROUTER)
-        self._data.setsockopt(zmq.LINGER, 0)
+        self._data = self.security.socket(self._ctx, zmq.ROUTER, server=True)
+        self._guard = Guard(self._ctx, self.security, [self._data])  # before bind: no gap
         port = self._data.bind_to_random_port(f"tcp://{self.host}")
         self.data_address = f"tcp://{self.host}:{port}"
         self._poller = zmq.Poller()
         self._poller.register(self._data, zmq.POLLIN)
         self._poller.register(self._wakeup.fd, zmq.POLLIN)
         self._sock_link: dict[Any, _SchedulerLink] = {}
+        self._monitor_link: dict[Any, _SchedulerLink] = {}
         for i, address in enumerate(self.scheduler_addresses):
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
+            sock = self.security.socket(self._ctx, zmq.DEALER, server=False)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
-            sock.connect(address)
             link = _SchedulerLink(i, address, sock)
+            link.monitor = watch_handshakes(sock)
+            sock.connect(address)
             self._links.append(link)
             self._sock_link[sock] = link
+            self._monitor_link[link.monitor] = link
             self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(link.monitor, zmq.POLLIN)
         threads = [
             threading.Thread(target=self._execute_loop, name=f"jqms-exec-{i}", daemon=True)
             for i in range(self.nthreads)
@@ -256,6 +269,9 @@ class Worker:
             for link in self._links:
                 if link.state == "ready":
                     self._send(link, Kind.GOODBYE, {"name": self.name})
+            for lk in self._links:
+                lk.sock.disable_monitor()
+                lk.monitor.close(linger=0)
             for s in [*self._peers.values(), *(lk.sock for lk in self._links), self._data]:
                 s.close(linger=100)
             self._ctx.term()
@@ -287,6 +303,9 @@ class Worker:
             for sock, _ in events:
                 if sock == self._wakeup.fd:
                     self._wakeup.drain()
+                    continue
+                if sock in self._monitor_link:
+                    self._on_monitor(self._monitor_link[sock])
                     continue
                 self._drain_socket(sock)
             self._collect()
@@ -321,8 +340,15 @@ class Worker:
                 if handler is None:
                     raise ProtocolError(f"unknown message kind {kind[:20]!r}")
                 handler(link, loads_control(frames[1].buffer), frames[2:])
-            except (ProtocolError, IndexError, KeyError, TypeError, ValueError) as exc:
-                log.warning("dropped a malformed message: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - nothing a peer sends may stop the worker
+                self._dropped_frames += 1
+                if self._dropped_frames <= 10:
+                    expected = (ProtocolError, IndexError, KeyError, TypeError, ValueError)
+                    log.warning(
+                        "dropped a malformed message (logged for the first 10): %s",
+                        exc,
+                        exc_info=not isinstance(exc, expected),
+                    )
 
     def _send(self, link: _SchedulerLink, kind: bytes, control: Any = None) -> bool:
         try:
@@ -382,6 +408,22 @@ class Worker:
         print(f"jobqueue-ms worker: {msg.get('reason')}", file=sys.stderr)
         self.exit_code = EXIT_FATAL
         self._stop = True
+
+    def _on_monitor(self, link: _SchedulerLink) -> None:
+        """A handshake with a scheduler failed (wrong keys): say so once; stop if all refuse."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        event = recv_monitor_message(link.monitor)
+        if link.refusal is not None or link.state == "ready":
+            return
+        link.refusal = describe_handshake_failure(
+            event["event"], event["value"], link.address, self.security
+        )
+        log.error("worker %s: %s", self.name, link.refusal)
+        if all(lk.refusal for lk in self._links):
+            print(f"jobqueue-ms worker: {link.refusal}", file=sys.stderr)
+            self.exit_code = EXIT_FATAL  # wrong keys do not get better by restarting
+            self._stop = True
 
     def _on_goodbye(self, link: _SchedulerLink, msg: Any, _: Any) -> None:
         """The scheduler finished our hand-off, or is shutting down."""
@@ -655,8 +697,7 @@ class Worker:
         """Ask a peer worker for stored values (answered on its data port)."""
         sock = self._peers.get(address)
         if sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
+            sock = self.security.socket(self._ctx, zmq.DEALER, server=False)
             sock.connect(address)
             self._peers[address] = sock
             self._poller.register(sock, zmq.POLLIN)
@@ -798,6 +839,15 @@ class Worker:
 
     def _keep(self, link: _SchedulerLink, key: int, value: Any, size: int, duration: float) -> None:
         """Store a large result here; the scheduler learns only where it is."""
+        limit = self.security.max_message_bytes - (1 << 16)
+        if size > limit:  # it could never be sent to anyone: fail loudly instead
+            err = ValueError(
+                f"the result is {size:,} bytes in one piece, more than max_message_bytes allows "
+                f"({limit:,}); return smaller pieces, or raise the limit "
+                "($JOBQUEUE_MS_MAX_MESSAGE_BYTES / max_message_bytes) for every process"
+            )
+            link.done.append((key, D_ERROR, _encode_error(err, self.name), duration))
+            return
         skey = (link.scheduler_id, key)
         self.store[skey] = value  # type: ignore[index]
         self.store_nbytes[skey] = size  # type: ignore[index]
@@ -817,15 +867,18 @@ class Worker:
                 lk.started = []
             if lk.done:
                 grant = lk.pending_grant
-                msg: dict[str, Any] = {"done": lk.done}
-                if grant:
-                    msg["lease"] = grant[0]
-                    if grant[1]:
-                        msg["resources"] = grant[1]
-                    lk.pending_grant = None
-                if lk.state == "ready":
-                    self._send(lk, Kind.DONE, msg)
+                lk.pending_grant = None
+                parts = protocol.split_by_size(lk.done, 2, self._frame_budget)
                 lk.done = []
+                for part in parts:
+                    msg: dict[str, Any] = {"done": part}
+                    if grant:
+                        msg["lease"] = grant[0]
+                        if grant[1]:
+                            msg["resources"] = grant[1]
+                        grant = None
+                    if lk.state == "ready":
+                        self._send(lk, Kind.DONE, msg)
             elif lk.pending_grant:
                 n, res = lk.pending_grant
                 lk.pending_grant = None
@@ -967,6 +1020,7 @@ class Worker:
             "stored_bytes": sum(self.store_nbytes.values()),
             "state": "paused" if self._paused else ("retiring" if self._retiring else "running"),
             "peak_running": self._peak_running,
+            "dropped_frames": self._dropped_frames,
             "executed": dict(self._executed),
             "running": self._active,
         }

@@ -11,9 +11,9 @@ set -euo pipefail
 
 # 3 scheduler(s); each writes its address to its scheduler file.
 pids=()
-/opt/venv/bin/python -m jobqueue_ms scheduler --interface ib0 --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-0.json & pids+=($!)
-/opt/venv/bin/python -m jobqueue_ms scheduler --interface ib0 --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-1.json & pids+=($!)
-/opt/venv/bin/python -m jobqueue_ms scheduler --interface ib0 --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-2.json & pids+=($!)
+/opt/venv/bin/python -m jobqueue_ms scheduler --interface ib0 --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-0.json --keyfile KEYFILE & pids+=($!)
+/opt/venv/bin/python -m jobqueue_ms scheduler --interface ib0 --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-1.json --keyfile KEYFILE & pids+=($!)
+/opt/venv/bin/python -m jobqueue_ms scheduler --interface ib0 --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-2.json --keyfile KEYFILE & pids+=($!)
 
 # Wait for every process; the job fails if one of them failed.
 status=0

@@ -27,6 +27,7 @@ worker=(
     /opt/venv/bin/python -m jobqueue_ms worker
     --scheduler tcp://10.1.0.5:40123
     --scheduler tcp://10.1.0.5:40125
+    --keyfile KEYFILE
     --nthreads 2 --memory-limit 8GB
     --job jqms-golden-1 --lifetime 6900s
     --interface ib0

@@ -12,8 +12,8 @@ set -euo pipefail
 # 2 scheduler(s); each writes its address to its scheduler file.
 host=$(hostname)
 pids=()
-/opt/venv/bin/python -m jobqueue_ms scheduler --host "$host" --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-0.json & pids+=($!)
-/opt/venv/bin/python -m jobqueue_ms scheduler --host "$host" --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-1.json & pids+=($!)
+/opt/venv/bin/python -m jobqueue_ms scheduler --host "$host" --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-0.json --keyfile KEYFILE & pids+=($!)
+/opt/venv/bin/python -m jobqueue_ms scheduler --host "$host" --port 0 --scheduler-file /shared/jqms/jqms-golden-scheduler/sched-1.json --keyfile KEYFILE & pids+=($!)
 
 # Wait for every process; the job fails if one of them failed.
 status=0

@@ -13,6 +13,7 @@ worker=(
     /opt/venv/bin/python -m jobqueue_ms worker
     --scheduler tcp://10.1.0.5:40123
     --scheduler tcp://10.1.0.5:40125
+    --keyfile KEYFILE
     --nthreads 4 --memory-limit 8GiB
     --job jqms-golden-1
 )
