@@ -395,14 +395,15 @@ def jq_e(cfg: dict[str, Any], tmp: str) -> dict[str, float]:
     )
     try:
         wait_file(sf, sched)
-        addr = json.load(open(sf))["addresses"][0]
+        info = json.load(open(sf))
+        addr, keyfile = info["addresses"][0], info["keyfile"]  # the scheduler made its keys
         starts = []
         with contextlib.closing(Client(scheduler_file=sf)) as client:
             for _ in range(cfg["e_reps"]):
                 fut = client.submit(now, random.random())
                 t_launch = time.time()
                 w = PROCS.start(
-                    [PY, "-m", "jobqueue_ms", "worker", "--scheduler", addr],
+                    [PY, "-m", "jobqueue_ms", "worker", "--scheduler", addr, "--keyfile", keyfile],
                     os.path.join(tmp, "jq-e-worker.log"),
                 )
                 try:
@@ -614,6 +615,44 @@ def jq_g(cfg: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+# ---------------------------------------------------------------------- h: what CURVE costs
+def jq_h(cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Throughput (bulk no-ops) and round trip with CurveZMQ on (the default) and off.
+
+    Two rounds, alternating the order, each on its own fresh LocalCluster(1 scheduler, 2
+    workers x 1 thread); the better of the two rounds of each mode is kept.
+    """
+    import concurrent.futures as cf
+
+    from jobqueue_ms import Client, LocalCluster
+    from jobqueue_ms.runtime.security import Security
+
+    n = cfg["h_tasks"]
+    out: dict[str, dict[str, float]] = {"curve": {}, "plaintext": {}}
+    for mode in ("curve", "plaintext", "plaintext", "curve"):
+        security = Security.insecure_plaintext() if mode == "plaintext" else None
+        with LocalCluster(n_schedulers=1, n_workers=2, security=security) as cluster:
+            cluster.wait_for_workers(2)
+            with contextlib.closing(Client(cluster)) as client:
+                client.gather(client.submit_many(noop, range(200)))  # warm-up
+                t0 = time.perf_counter()
+                futs = client.submit_many(noop, range(n))
+                done, _ = cf.wait(futs, timeout=cfg["timeout"])
+                assert len(done) == n
+                rate = n / (time.perf_counter() - t0)
+                del futs, done
+                lat = []
+                for i in range(cfg["b_warm"] + cfg["b_n"]):
+                    t1 = time.perf_counter()
+                    assert client.submit(inc, i).result(timeout=10) == i + 1
+                    lat.append(time.perf_counter() - t1)
+                rtt = statistics.median(lat[cfg["b_warm"] :]) * 1e3
+        best = out[mode]
+        best["rate"] = max(best.get("rate", 0.0), rate)
+        best["rtt_ms"] = min(best.get("rtt_ms", float("inf")), rtt)
+    return out
+
+
 # ---------------------------------------------------------------------- main
 def machine() -> dict[str, Any]:
     import dask
@@ -650,13 +689,13 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    ap.add_argument("--only", default="a,b,c,d,e,f,g", help="comma-separated sections")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g,h", help="comma-separated sections")
     ap.add_argument("--json", dest="json_out", default=None, help="write figures to this file")
     args = ap.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    bad = only - set("abcdefg")
+    bad = only - set("abcdefgh")
     if bad:
-        ap.error(f"unknown section(s) {sorted(bad)}; choose from a,b,c,d,e,f,g")
+        ap.error(f"unknown section(s) {sorted(bad)}; choose from a,b,c,d,e,f,g,h")
     if args.quick:
         cfg = {
             "a_tasks": 1000,
@@ -668,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             "e_reps": 1,
             "f_tasks": 10_000,
             "g_tasks": 2000,
+            "h_tasks": 2000,
             "timeout": 30,
         }
     else:
@@ -681,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             "e_reps": 3,
             "f_tasks": 100_000,
             "g_tasks": 20_000,
+            "h_tasks": 20_000,
             "timeout": 300,
         }
 
@@ -738,6 +779,9 @@ def main(argv: list[str] | None = None) -> int:
         if "g" in only:
             print("== g: 1 vs 2 schedulers sharing 2 workers (jobqueue-ms)", flush=True)
             jq["g"] = guarded(res, "g", "jobqueue-ms", cfg["timeout"] * 3, lambda: jq_g(cfg))
+        if "h" in only:
+            print("== h: CurveZMQ on (the default) vs plaintext (jobqueue-ms)", flush=True)
+            jq["h"] = guarded(res, "h", "jobqueue-ms", cfg["timeout"] * 4, lambda: jq_h(cfg))
     finally:
         PROCS.stop_all()
     elapsed = time.perf_counter() - t_start
@@ -897,6 +941,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt(r['dask'])} | {ratio} |"
         )
     print()
+    h = jq.get("h")
+    if isinstance(h, dict):
+        on, off = h["curve"], h["plaintext"]
+        print("h: what encryption costs (jobqueue-ms; best of 2 rounds each, alternated)")
+        print()
+        print("| sec | figure | unit | CurveZMQ (default) | plaintext | CURVE / plaintext |")
+        print("|---|---|---|---:|---:|---:|")
+        print(
+            f"| h | {cfg['h_tasks']:,} no-ops, submit_many | tasks/s | {fmt(on['rate'])} | "
+            f"{fmt(off['rate'])} | {on['rate'] / off['rate']:.2f}x |"
+        )
+        print(
+            f"| h | round trip median ({cfg['b_n']} sequential) | ms | {fmt(on['rtt_ms'])} | "
+            f"{fmt(off['rtt_ms'])} | {on['rtt_ms'] / off['rtt_ms']:.2f}x |"
+        )
+        print()
     if isinstance(jq.get("g"), dict):
         print(
             f"g: tasks done per scheduler (one client on both): {jq['g']['two_one_client_split']}"
