@@ -324,7 +324,7 @@ class Client(cf.Executor):
         self._ready = threading.Event()  # one scheduler answered
         self._all_answered = threading.Event()  # every scheduler answered (welcome or refusal)
         self._local = threading.local()
-        self._ctx = zmq.Context()
+        self._ctx = zmq.Context(io_threads=2)
         self._wakeup = Wakeup()
         self._links: list[_Link] = []
         for i, a in enumerate(self.addresses):
