@@ -450,7 +450,10 @@ def watch_handshakes(sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
 
 def describe_handshake_failure(event: int, value: int, address: str, security: Security) -> str:
     """Explain, for a connecting peer, why a scheduler or worker refused our handshake."""
-    where = f"keyfile {security.path}" if security.encrypted else "no keys (--insecure-plaintext)"
+    if not security.encrypted:
+        where = "no keys (--insecure-plaintext)"
+    else:
+        where = f"keyfile {security.path}" if security.path else "the keys in memory"
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (
             f"{address} refused our client key ({where}): this key file is not that "
