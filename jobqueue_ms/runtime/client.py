@@ -814,10 +814,14 @@ class Client(cf.Executor):
             self._closed.set()
 
     def _on_monitor(self, link: _Link) -> None:
-        """A handshake with this scheduler failed: wrong keys, or one side is plaintext."""
+        """A handshake with this scheduler ended: hello at once, or say why it failed."""
         from zmq.utils.monitor import recv_monitor_message
 
         event = recv_monitor_message(link.monitor)
+        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if link.state in ("connecting", "lost"):
+                self._hello(link, time.monotonic())  # the one sent before may have found no peer
+            return
         if link.refusal is not None or link.state == "ready":
             return  # said once; libzmq keeps retrying in the background
         link.refusal = describe_handshake_failure(
@@ -1112,22 +1116,25 @@ class Client(cf.Executor):
         for link in self._links:
             if link.state in ("connecting", "lost"):
                 if now - link.last_hello > 0.5:
-                    link.last_hello = now
-                    self._send(
-                        link,
-                        Kind.HELLO,
-                        {
-                            "role": "client",
-                            "versions": protocol.versions(),
-                            "client_id": self.client_id,
-                            "name": self.name,
-                        },
-                    )
+                    self._hello(link, now)
             elif link.state == "ready":
                 if now - link.last_recv > self.heartbeat_timeout_s:
                     self._scheduler_lost(link, f"silent for {self.heartbeat_timeout_s:.1f} s")
                 elif now - link.last_send >= self.heartbeat_interval_s * 0.9:
                     self._send(link, Kind.HEARTBEAT, None)
+
+    def _hello(self, link: _Link, now: float) -> None:
+        link.last_hello = now
+        self._send(
+            link,
+            Kind.HELLO,
+            {
+                "role": "client",
+                "versions": protocol.versions(),
+                "client_id": self.client_id,
+                "name": self.name,
+            },
+        )
 
     def _scheduler_lost(self, link: _Link, reason: str) -> None:
         """Resubmit every unfinished task sent to a lost scheduler to the others."""

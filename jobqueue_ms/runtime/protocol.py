@@ -171,6 +171,7 @@ def check_hello(msg: Any) -> dict[str, Any]:
             raise _fail("hello data_address must be tcp://host:port", address)
         want_number(msg.get("memory_limit"), "hello memory_limit", optional=True)
         want_number(msg.get("lifetime_end"), "hello lifetime_end", optional=True)
+        want_int(msg.get("hello_id", 0), "hello hello_id")
     else:
         raise _fail("hello role must be 'client' or 'worker'", role)
     return msg

@@ -447,6 +447,7 @@ class Scheduler:
             "heartbeat_interval_s": self.heartbeat_interval_s,
             "max_tasks_per_client": self.max_tasks_per_client,
             "max_message_bytes": self.security.max_message_bytes,
+            "hello_id": msg.get("hello_id"),
         }
         if role == "worker":
             old = self.workers.pop(ident, None)

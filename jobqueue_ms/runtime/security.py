@@ -440,12 +440,14 @@ class Guard:
 
 
 def watch_handshakes(sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
-    """A monitor socket that reports this connecting socket's failed handshakes.
+    """A monitor socket that reports this connecting socket's handshakes.
 
-    Poll it and pass each event to :func:`describe_handshake_failure` for a clear error instead
-    of a silent timeout when the keys are wrong or one side is plaintext.
+    Poll it: on ``EVENT_HANDSHAKE_SUCCEEDED`` the connection is up (say hello now, rather than
+    at the next timer); any other event is a failure to pass to
+    :func:`describe_handshake_failure`, for a clear error instead of a silent timeout when the
+    keys are wrong or one side is plaintext.
     """
-    return sock.get_monitor_socket(_HANDSHAKE_FAILED)
+    return sock.get_monitor_socket(_HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
 def describe_handshake_failure(event: int, value: int, address: str, security: Security) -> str:

@@ -63,6 +63,8 @@ class _SchedulerLink:
         self.last_recv = time.monotonic()
         self.last_send = 0.0
         self.last_hello = 0.0
+        self.hello_id = 0  # the scheduler echoes it: only the answer to the latest hello counts
+        self.hello_sent = False
         self.monitor: Any = None
         self.refusal: str | None = None
         self.done: list[tuple[Any, ...]] = []
@@ -365,7 +367,8 @@ class Worker:
     # ------------------------------------------------------------------ registration
     def _hello(self, link: _SchedulerLink, now: float) -> None:
         link.last_hello = now
-        sent = self._send(
+        link.hello_id += 1
+        link.hello_sent = self._send(
             link,
             Kind.HELLO,
             {
@@ -380,13 +383,20 @@ class Worker:
                 "data_address": self.data_address,
                 "memory_limit": self.memory_limit,
                 "lifetime_end": self.lifetime_end,
+                "hello_id": link.hello_id,
             },
         )
-        if not sent:
+        if not link.hello_sent:
             link.last_hello = now - 0.45  # not connected yet: try again soon
 
     def _on_welcome(self, link: _SchedulerLink, msg: dict[str, Any], _: Any) -> None:
-        """Registered: start with a clean lease."""
+        """Registered: start with a clean lease.
+
+        Each hello re-registers us from scratch, so an answer to an earlier hello is stale: a
+        lease granted on it would be counted by a record the scheduler has already replaced.
+        """
+        if msg.get("hello_id", link.hello_id) != link.hello_id:
+            return
         if link.scheduler_id and link.scheduler_id != msg["scheduler_id"]:
             self._forget_scheduler(link, "scheduler restarted")
         link.scheduler_id = msg["scheduler_id"]
@@ -410,10 +420,15 @@ class Worker:
         self._stop = True
 
     def _on_monitor(self, link: _SchedulerLink) -> None:
-        """A handshake with a scheduler failed (wrong keys): say so once; stop if all refuse."""
+        """A handshake with a scheduler ended: hello at once, or say why it failed (once) and
+        stop if every scheduler refuses us."""
         from zmq.utils.monitor import recv_monitor_message
 
         event = recv_monitor_message(link.monitor)
+        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if link.state != "ready" and not link.hello_sent:
+                self._hello(link, time.monotonic())  # the one before found no connection
+            return
         if link.refusal is not None or link.state == "ready":
             return
         link.refusal = describe_handshake_failure(
