@@ -737,6 +737,10 @@ def main(argv: list[str] | None = None) -> int:
             "timeout": 300,
         }
 
+    tmp = tempfile.mkdtemp(prefix="jqms-bench-")
+    # dask's scratch space (dask-scratch-space/) goes there too, and is removed with it; set
+    # before dask is first imported (machine()), which reads its config from the environment
+    os.environ["DASK_TEMPORARY_DIRECTORY"] = tmp
     info = machine()
     print(f"jobqueue-ms benchmarks {'(quick) ' if args.quick else ''}{info['date']}")
     print(f"command: {' '.join(['scripts/bench', *(argv if argv is not None else sys.argv[1:])])}")
@@ -755,7 +759,6 @@ def main(argv: list[str] | None = None) -> int:
     jq: dict[str, Any] = {}
     dk: dict[str, Any] = {}
     t_start = time.perf_counter()
-    tmp = tempfile.mkdtemp(prefix="jqms-bench-")
     try:
         if only & set("abcd"):
             print("== a-d: jobqueue-ms LocalCluster(1 scheduler, 2 workers x 1 thread)", flush=True)
