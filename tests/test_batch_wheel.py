@@ -151,12 +151,16 @@ def test_installed_wheel_renders_every_template(tmp_path):
 
 
 def test_editable_install_renders_from_the_checkout(tmp_path):
-    try:
-        dist = importlib.metadata.distribution("jobqueue-ms")
-    except importlib.metadata.PackageNotFoundError:
+    # Every copy of the metadata: the checkout's own jobqueue_ms.egg-info (made by `pip install
+    # -e`, and first on sys.path when pytest runs from the checkout) has no direct_url.json.
+    found = [
+        json.loads(d.read_text("direct_url.json") or "{}")
+        for d in importlib.metadata.distributions()
+        if (d.metadata["Name"] or "").replace("_", "-") == "jobqueue-ms"
+    ]
+    if not found:
         pytest.skip("jobqueue-ms is not installed (pip install -e .)")
-    direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
-    if not direct_url.get("dir_info", {}).get("editable"):
+    if not any(u.get("dir_info", {}).get("editable") for u in found):
         pytest.skip("jobqueue-ms is installed, but not in editable mode")
     out = render_all(Path(sys.executable), tmp_path)
     assert Path(out["package"]).is_relative_to(REPO)
