@@ -43,7 +43,7 @@ SCHEDULER_KINDS = [
     Kind.RETIRE,
     Kind.INFO,
 ]
-DATA_KINDS = [Kind.GET, Kind.PUT]
+DATA_KINDS = [Kind.GET, b"put"]  # a worker's data port serves GET only; "put" is not a kind
 
 
 # ============================================================================ figures
@@ -280,7 +280,7 @@ _FIELDS: dict[bytes, list[str]] = {
     Kind.MISSING: ["missing"],
     Kind.RETIRE: ["names", "name"],
     Kind.GET: ["req", "keys"],
-    Kind.PUT: ["req", "items"],
+    b"put": ["req", "items"],
 }
 
 

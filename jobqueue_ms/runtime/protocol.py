@@ -56,7 +56,6 @@ class Kind:
     INFO = b"info"  # admin -> scheduler: request state; scheduler -> admin: the state
     GET = b"get"  # client|worker -> worker data port: send me these stored values
     DATA = b"data"  # worker data port -> requester: the values (out-of-band buffers)
-    PUT = b"put"  # scheduler|client -> worker data port: store these values
     SHUTDOWN = b"shutdown"  # admin -> scheduler: stop (and optionally its workers)
 
 

@@ -69,6 +69,7 @@ class _SchedulerLink:
         self.refusal: str | None = None
         self.done: list[tuple[Any, ...]] = []
         self.started: list[int] = []
+        self.inflight: set[int] = set()  # its tasks here, queued, fetching inputs or running
         self.dropped: set[int] = set()  # queued tasks not to start (the executors skip them)
         self.goodbye = False
         self.pending_grant: tuple[int, dict[str, float]] | None = None
@@ -456,6 +457,8 @@ class Worker:
         link.has_work = 0
         link.revoking = False
         link.done.clear()
+        link.inflight.clear()
+        link.dropped.clear()
         link.started.clear()
         sid = link.scheduler_id
         for k in [k for k in self.store if k[0] == sid]:
@@ -677,6 +680,7 @@ class Worker:
                     self._res_used[name] = self._res_used.get(name, 0) + amount
             func = funcs.get(fhash)
             item = _Item(link, key, func, payload, deps, resources)
+            link.inflight.add(key)
             self._queued += 1
             if deps:
                 self._resolve_inputs(item, sid)
@@ -750,6 +754,7 @@ class Worker:
 
     def _missing(self, item: _Item, dep_key: int) -> None:
         """An input is gone: hand the task back to its scheduler to recover the input."""
+        item.link.inflight.discard(item.key)
         self._queued -= 1
         item.waiting = -1
         self._release_resources(item)
@@ -824,6 +829,7 @@ class Worker:
             self._queued -= 1
             self._release_resources(item)
             link = item.link
+            link.inflight.discard(item.key)
             link.dropped.discard(item.key)
             if status is None or link.scheduler_id is None:
                 continue
@@ -900,8 +906,12 @@ class Worker:
                 self._send(lk, Kind.LEASE, {"n": n, "resources": res})
 
     def _on_drop(self, link: _SchedulerLink, msg: list[int], _: Any) -> None:
-        """Queued tasks the scheduler no longer wants run; one already running finishes."""
-        link.dropped.update(msg)
+        """Queued tasks the scheduler no longer wants run; one already running finishes.
+
+        Only tasks still here are noted: one that finished before the drop arrived would
+        otherwise stay in the set forever.
+        """
+        link.dropped.update(k for k in msg if k in link.inflight)
 
     def _on_release(self, link: _SchedulerLink, msg: list[int], _: Any) -> None:
         sid = link.scheduler_id
@@ -936,7 +946,7 @@ class Worker:
 
     # ------------------------------------------------------------------ data port
     def _on_data_request(self, frames: list[Any]) -> None:
-        """Serve GET (send stored values) and PUT (store values) on the data port."""
+        """Serve GET (send stored values) on the data port: the only request it takes."""
         ident = frames[0].bytes
         kind = frames[1].bytes
         msg = loads_control(frames[2].buffer)
@@ -955,12 +965,6 @@ class Worker:
                 [ident, *pack(Kind.DATA, {"req": msg["req"], "items": items})] + buffers,
                 copy=False,
             )
-        elif kind == Kind.PUT:
-            values = _decode_values(msg["items"], frames[3:])
-            for (skey, _, _), value in zip(msg["items"], values, strict=False):
-                self.store[tuple(skey)] = value
-                self.store_nbytes[tuple(skey)] = _nbytes(value) or 0
-            self._data.send_multipart([ident, *pack(Kind.DATA, {"req": msg["req"], "items": []})])
         else:
             raise ProtocolError(f"unknown data request {kind[:20]!r}")
 
