@@ -69,6 +69,23 @@ def _security_options(f: Any) -> Any:
     return f
 
 
+def _parent_pid_option(f: Any) -> Any:
+    return click.option(
+        "--parent-pid",
+        default=None,
+        type=click.IntRange(min=1),
+        help="Stop when process PID is no longer this one's parent (for launchers: pass your "
+        "own pid, and the process ends with you even if you are killed).",
+    )(f)
+
+
+def _check_parent(parent_pid: int | None) -> None:
+    import os
+
+    if parent_pid is not None and os.getppid() != parent_pid:
+        raise click.UsageError(f"--parent-pid {parent_pid}: that process is not our parent (gone?)")
+
+
 def _max_message_bytes(value: str | None) -> int | None:
     from .units import parse_memory
 
@@ -109,6 +126,7 @@ def _max_message_bytes(value: str | None) -> int | None:
     type=click.IntRange(min=1),
     help="Tasks one client may hold here at once (default 1,000,000).",
 )
+@_parent_pid_option
 @click.option("--log-level", default="warning", show_default=True)
 def scheduler(
     host: str,
@@ -120,6 +138,7 @@ def scheduler(
     insecure_plaintext: bool,
     max_message_bytes: str | None,
     max_tasks_per_client: int | None,
+    parent_pid: int | None,
     log_level: str,
 ) -> None:
     """Run a scheduler until interrupted.
@@ -131,10 +150,13 @@ def scheduler(
     import os
     import signal
 
+    from .runtime.malloc import pin_mmap_threshold
     from .runtime.scheduler import DEFAULT_MAX_TASKS_PER_CLIENT, Scheduler
     from .runtime.security import ENV_KEYFILE, Security
 
     _setup_logging(log_level)
+    _check_parent(parent_pid)
+    pin_mmap_threshold()  # flat memory under large or hostile frames (runtime/malloc.py)
     if interface:
         host = _interface_address(interface)
     security = None  # new keys, owned by the scheduler
@@ -148,12 +170,15 @@ def scheduler(
         security=security,
         max_message_bytes=_max_message_bytes(max_message_bytes),
         max_tasks_per_client=max_tasks_per_client or DEFAULT_MAX_TASKS_PER_CLIENT,
+        parent_pid=parent_pid,
     )
     signal.signal(signal.SIGTERM, lambda *_: s.stop())
     try:
         s.run()
     except KeyboardInterrupt:
         pass
+    finally:
+        s.stop()  # however the loop ended: keys this scheduler made are removed
 
 
 def _interface_address(interface: str) -> str:
@@ -222,6 +247,13 @@ def _parse_resources(values: tuple[str, ...]) -> dict[str, float]:
     default=None,
     help="Scratch directory for the tasks (created; becomes TMPDIR). Default: $TMPDIR.",
 )
+@click.option(
+    "--scheduler-lost-timeout",
+    default="5m",
+    show_default=True,
+    help="Leave (exit 0) after this long with no scheduler reachable, e.g. 90s; 'never' waits "
+    "for them forever.",
+)
 @click.option("--host", default=None, help="Address for the data port (default 127.0.0.1).")
 @click.option("--interface", default=None, help="Network interface for the data port.")
 @click.option(
@@ -231,6 +263,7 @@ def _parse_resources(values: tuple[str, ...]) -> dict[str, float]:
     help="Supervise the worker and restart it if it dies.",
 )
 @_security_options
+@_parent_pid_option
 @click.option("--log-level", default="warning", show_default=True)
 def worker(
     schedulers: tuple[str, ...],
@@ -242,6 +275,7 @@ def worker(
     job: str | None,
     resources: tuple[str, ...],
     lifetime: str | None,
+    scheduler_lost_timeout: str,
     local_directory: str | None,
     host: str | None,
     interface: str | None,
@@ -249,6 +283,7 @@ def worker(
     keyfile: str | None,
     insecure_plaintext: bool,
     max_message_bytes: str | None,
+    parent_pid: int | None,
     log_level: str,
 ) -> None:
     """Run a worker serving every scheduler given.
@@ -258,12 +293,15 @@ def worker(
     import os
     import time
 
+    from .runtime.malloc import pin_mmap_threshold
     from .runtime.nanny import run_worker
     from .runtime.scheduler import read_scheduler_file
     from .runtime.security import Security
     from .units import parse_duration, parse_memory
 
     _setup_logging(log_level)
+    _check_parent(parent_pid)
+    pin_mmap_threshold()  # flat memory under large or hostile frames (runtime/malloc.py)
     addresses = list(schedulers)
     file_info = None
     deadline = time.monotonic() + scheduler_file_timeout
@@ -284,6 +322,14 @@ def worker(
     try:
         limit = parse_memory(memory_limit, "--memory-limit") if memory_limit else None
         life = parse_duration(lifetime, "--lifetime") if lifetime else None
+        lost = None
+        if scheduler_lost_timeout.strip().lower() != "never":
+            lost = parse_duration(scheduler_lost_timeout, "--scheduler-lost-timeout")
+            if lost <= 0:
+                raise ValueError(
+                    f"--scheduler-lost-timeout={scheduler_lost_timeout!r} must be a positive "
+                    "duration (e.g. 5m, 90s) or 'never'"
+                )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if interface:
@@ -307,9 +353,10 @@ def worker(
         "job": job,
         "resources": _parse_resources(resources),
         "lifetime": life,
+        "scheduler_lost_timeout": lost,
         "host": host,
     }
-    raise SystemExit(run_worker(kwargs, nanny=nanny))
+    raise SystemExit(run_worker(kwargs, nanny=nanny, parent_pid=parent_pid))
 
 
 @main.group()

@@ -285,9 +285,12 @@ class _Node:
         allocation's private channel), so every scheduler listens with them from the start.
         Then the one address exchange: an ``allgather`` of (scheduler index, address, error).
         """
+        from .runtime.malloc import pin_mmap_threshold
         from .runtime.scheduler import Scheduler
         from .runtime.security import Security, set_process_default
 
+        if self.role.kind != "client":  # our process, not the user's script
+            pin_mmap_threshold()
         shared = None
         if self.rank == 0:
             keys = None if self.opts.insecure_plaintext else Security.new().material()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -410,6 +412,32 @@ def test_restarted_scheduler_is_rejoined_by_workers(tmp_path: Path) -> None:
         proc.wait(10)
 
 
+def test_worker_leaves_when_no_scheduler_is_left(tmp_path: Path) -> None:
+    """A batch job's worker must not burn its allocation once its cluster is gone."""
+    sched = Scheduler(port=0)
+    address = sched.start()
+    argv = [sys.executable, "-m", "jobqueue_ms", "worker", "--scheduler", address]
+    argv += ["--scheduler-lost-timeout", "2s", *sched.security.argv()]  # with its nanny
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: len(sched.info()["workers"]) == 1, timeout=30)
+        sched.stop()
+        t0 = time.monotonic()
+        assert proc.wait(30) == 0  # a clean exit: the nanny does not restart it
+        assert time.monotonic() - t0 >= 2
+        assert "no scheduler reachable for 2 s; leaving" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
+    bad = subprocess.run(
+        [*argv[:6], "--scheduler-lost-timeout", "0", *sched.security.argv()],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "Error: --scheduler-lost-timeout='0'" in bad.stderr, bad.stderr
+
+
 def test_vanished_client_tasks_are_released(cluster: LocalCluster, tmp_path: Path) -> None:
     script = tmp_path / "c.py"
     script.write_text(
@@ -503,6 +531,81 @@ def test_close_leaves_no_process() -> None:
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not os.path.exists(directory)
     assert "closed" in repr(cluster)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_owner_leaves_no_process(tmp_path: Path, sig: signal.Signals) -> None:
+    """The process that made a LocalCluster is killed (no close, no atexit): all of it ends."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import json, time\nfrom jobqueue_ms import LocalCluster\n"
+        "c = LocalCluster(n_schedulers=2, n_workers=2)\nc.wait_for_workers(2)\n"
+        "pids = [p.pid for p in c._scheduler_procs] + [r.info['pid'] for r in c.jobs.values()]\n"
+        "pids += [w['pid'] for w in c.workers.values()]\n"
+        "print(json.dumps({'pids': pids, 'dir': c.cluster_dir}), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    started = {"dir": str(tmp_path / "none")}
+    try:
+        assert proc.stdout is not None
+        started = json.loads(proc.stdout.readline())
+        pids = started["pids"]
+        assert len(pids) == 6 and all(psutil.pid_exists(p) for p in pids)  # 2 + 2 nannies + 2
+        proc.send_signal(sig)
+        assert proc.wait(30) == -sig
+
+        def left() -> list[int]:
+            return [
+                p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+            ]
+
+        wait_until(lambda: not left(), timeout=30, message="processes outlived their owner")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        for p in left():
+            os.kill(p, signal.SIGKILL)
+        shutil.rmtree(started["dir"], ignore_errors=True)  # a killed owner cannot remove it
+
+
+_HEAP_CHURN = """
+import random, sys, psutil
+from jobqueue_ms.runtime.malloc import pin_mmap_threshold
+print(pin_mmap_threshold() if sys.argv[1] == "pin" else None)
+p, rng, keep, live = psutil.Process(), random.Random(1), [], []
+b = bytearray(8 << 20); del b  # unpinned, glibc raises its mmap threshold here
+r0 = p.memory_info().rss
+for i in range(400):  # large messages come and go while small long-lived objects appear
+    live.append(bytearray(rng.randrange(1 << 20, 8 << 20)))
+    keep.append(bytes(rng.randrange(100, 5000)))
+    if len(live) > 3:
+        live.pop(rng.randrange(len(live)))
+live.clear()
+print((p.memory_info().rss - r0) >> 20)
+"""
+
+
+def test_pinned_mmap_threshold_keeps_rss_flat_under_large_messages() -> None:
+    """What schedulers and workers do at start (runtime/malloc.py), on this machine's glibc."""
+
+    def growth(mode: str, **env: str) -> tuple[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _HEAP_CHURN, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **env},
+        ).stdout.split()
+        return out[0], int(out[1])
+
+    pinned, unpinned = growth("pin"), growth("none")
+    assert pinned[0] == "True" and pinned[1] < 4, (pinned, unpinned)
+    print(f"RSS growth: pinned {pinned[1]} MiB, glibc's default {unpinned[1]} MiB")
+    # the site's own glibc setting wins: then we do not touch it
+    assert growth("pin", MALLOC_MMAP_THRESHOLD_="131072")[0] == "False"
 
 
 def test_local_cluster_scale_and_repr() -> None:

@@ -288,6 +288,8 @@ class Cluster:
                 f,
                 "--cluster-id",
                 self.cluster_id,
+                "--parent-pid",  # gone with us, even when we are killed
+                str(os.getpid()),
                 *self._security_argv(),
             ]
             proc = subprocess.Popen(

@@ -98,7 +98,7 @@ class LocalCluster(Cluster):
 
     def _worker_command(self, record: JobRecord, index: int = 0) -> list[str]:
         argv = super()._worker_command(record, index)
-        argv += ["--host", self.scheduler_host]
+        argv += ["--host", self.scheduler_host, "--parent-pid", str(os.getpid())]
         for k, v in self.resources.items():
             argv += ["--resources", f"{k}={v}"]
         return argv

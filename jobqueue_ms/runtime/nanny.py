@@ -3,6 +3,10 @@
 Forking (instead of starting a second interpreter) keeps worker start-up to one Python start.
 The child exits 0 when it retired or reached its lifetime, 3 on a fatal misconfiguration (such as
 a version mismatch); the nanny stops in both cases and restarts the child otherwise.
+
+Nothing outlives the process that started it: given ``parent_pid`` (a LocalCluster passes its
+own), the nanny stops the worker when that parent is gone, even if it was SIGKILLed; the worker
+itself stops when the nanny is gone.
 """
 
 from __future__ import annotations
@@ -21,12 +25,17 @@ MAX_RAPID_RESTARTS = 5  # restarts within RAPID_WINDOW_S before the nanny gives 
 RAPID_WINDOW_S = 30.0
 
 
-def run_worker(worker_kwargs: dict[str, Any], nanny: bool = True) -> int:
-    """Run a worker (supervised by default); return the exit code for the process."""
+def run_worker(
+    worker_kwargs: dict[str, Any], nanny: bool = True, parent_pid: int | None = None
+) -> int:
+    """Run a worker (supervised by default); return the exit code for the process.
+
+    ``parent_pid``: stop when that process is no longer our parent.
+    """
     from .worker import EXIT_FATAL, EXIT_OK, Worker
 
     if not nanny:
-        worker = Worker(**worker_kwargs)
+        worker = Worker(**worker_kwargs, parent_pid=parent_pid)
         _stop_on_signals(worker)
         return worker.run()
 
@@ -53,6 +62,7 @@ def run_worker(worker_kwargs: dict[str, Any], nanny: bool = True) -> int:
         worker_kwargs = dict(worker_kwargs)
         worker_kwargs["lifetime_end"] = time.time() + worker_kwargs.pop("lifetime")
     restarts: list[float] = []
+    nanny_pid = os.getpid()
     while True:
         child = os.fork()
         if child == 0:  # the worker
@@ -60,7 +70,7 @@ def run_worker(worker_kwargs: dict[str, Any], nanny: bool = True) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                worker = Worker(**worker_kwargs)
+                worker = Worker(**worker_kwargs, parent_pid=nanny_pid)
                 _stop_on_signals(worker)
                 code = worker.run()
             except BaseException as exc:  # noqa: BLE001
@@ -69,8 +79,9 @@ def run_worker(worker_kwargs: dict[str, Any], nanny: bool = True) -> int:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        code = _watch(child, limit)
+        code, orphaned = _watch(child, limit, parent_pid)
         child = 0
+        stopping = stopping or orphaned
         if stopping or code in (EXIT_OK, EXIT_FATAL):
             return EXIT_OK if stopping else code
         now = time.monotonic()
@@ -85,24 +96,38 @@ def run_worker(worker_kwargs: dict[str, Any], nanny: bool = True) -> int:
         print(f"jobqueue-ms nanny: worker exited with code {code}; restarting", file=sys.stderr)
 
 
-def _watch(pid: int, limit: int | None) -> int:
-    """Wait for the child; kill it if its memory passes the limit. Return its exit code."""
+def _watch(pid: int, limit: int | None, parent_pid: int | None = None) -> tuple[int, bool]:
+    """Wait for the child; kill it if its memory passes the limit, stop it if our parent is gone.
+
+    Return its exit code and whether our parent is gone.
+    """
     proc = None
     if limit:
         import psutil
 
         proc = psutil.Process(pid)
+    polling = proc is not None or parent_pid is not None
+    orphaned_at: float | None = None
     while True:
         try:
-            done, status = os.waitpid(pid, 0 if proc is None else os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG if polling else 0)
         except ChildProcessError:
-            return 1
+            return 1, orphaned_at is not None
         except InterruptedError:
             continue
         if done:
-            return os.waitstatus_to_exitcode(status)
+            return os.waitstatus_to_exitcode(status), orphaned_at is not None
+        if orphaned_at is None and parent_pid is not None and os.getppid() != parent_pid:
+            print(
+                f"jobqueue-ms nanny: parent process {parent_pid} is gone; stopping the worker",
+                file=sys.stderr,
+            )
+            orphaned_at = time.monotonic()
+            os.kill(pid, signal.SIGTERM)
+        elif orphaned_at is not None and time.monotonic() - orphaned_at > 10:
+            os.kill(pid, signal.SIGKILL)  # it did not stop in time
         try:
-            rss = proc.memory_info().rss  # type: ignore[union-attr]
+            rss = proc.memory_info().rss if proc is not None else 0
         except Exception:  # noqa: BLE001 - exiting right now
             rss = 0
         if limit and rss > KILL_FRACTION * limit:

@@ -184,6 +184,9 @@ class Scheduler:
     max_tasks_per_client:
         Tasks one client may have here at once (finished ones it still holds included); more
         fail at once with ``TooManyTasksError``, so one client cannot take the memory of all.
+    parent_pid:
+        Stop as soon as this process is no longer our parent (the cluster that started us was
+        killed), so no scheduler outlives its cluster.
 
     Examples
     --------
@@ -206,6 +209,7 @@ class Scheduler:
         security: Security | str | None = None,
         max_message_bytes: int | None = None,
         max_tasks_per_client: int = DEFAULT_MAX_TASKS_PER_CLIENT,
+        parent_pid: int | None = None,
     ) -> None:
         self.host = host or _default_host()
         self.port = port
@@ -222,6 +226,7 @@ class Scheduler:
         if not isinstance(max_tasks_per_client, int) or max_tasks_per_client < 1:
             raise ValueError(f"max_tasks_per_client={max_tasks_per_client!r} must be >= 1")
         self.max_tasks_per_client = max_tasks_per_client
+        self.parent_pid = parent_pid
         self._owns_keys = (
             security is None and default_for([]) is None and not os.environ.get(ENV_KEYFILE)
         )
@@ -392,6 +397,9 @@ class Scheduler:
             if now >= next_check:
                 self._check_heartbeats(now)
                 next_check = now + self.heartbeat_interval_s
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    log.warning("scheduler: parent process %d is gone; stopping", self.parent_pid)
+                    self._running = False
 
     def _handle(self, frames: list[Any], handlers: dict[bytes, Any]) -> None:
         """Decode one message and call its handler; drop and count anything malformed.

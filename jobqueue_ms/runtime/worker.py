@@ -139,6 +139,12 @@ class Worker:
     security:
         The cluster's keys or key file path (see :class:`~jobqueue_ms.runtime.security.Security`);
         None: those of schedulers started in this process, else ``$JOBQUEUE_MS_KEYFILE``.
+    parent_pid:
+        Stop as soon as this process is no longer our parent (the nanny, or the cluster that
+        started us, was killed): a worker is never left behind serving nobody's cluster.
+    scheduler_lost_timeout:
+        Seconds without any registered scheduler after which the worker leaves (exit code 0: a
+        batch job then ends instead of burning its allocation). None: wait for them forever.
     """
 
     def __init__(
@@ -156,6 +162,8 @@ class Worker:
         heartbeat_timeout_s: float | None = None,
         inline_result_limit: int = 64 * 1024,
         security: Security | str | None = None,
+        parent_pid: int | None = None,
+        scheduler_lost_timeout: float | None = None,
     ) -> None:
         from ..units import parse_memory
 
@@ -183,6 +191,11 @@ class Worker:
             os.environ.get("JOBQUEUE_MS_HEARTBEAT_TIMEOUT", "10")
         )
         self.inline_result_limit = inline_result_limit
+        self.parent_pid = parent_pid
+        if scheduler_lost_timeout is not None and not scheduler_lost_timeout > 0:
+            raise ValueError(f"scheduler_lost_timeout={scheduler_lost_timeout!r} must be > 0 s")
+        self.scheduler_lost_timeout = scheduler_lost_timeout
+        self._last_served = time.monotonic()  # when some scheduler was last registered
         self.exit_code = EXIT_OK
         self.data_address = ""
         self.store: dict[tuple[str, int], Any] = {}
@@ -990,6 +1003,26 @@ class Worker:
                     self._missing(item, wanted[0][1][1])
         if self.lifetime_end is not None and time.time() >= self.lifetime_end:
             self.retire()
+        if any(lk.state == "ready" for lk in self._links):
+            self._last_served = now
+        elif (
+            self.scheduler_lost_timeout is not None
+            and now - self._last_served > self.scheduler_lost_timeout
+        ):
+            log.warning(
+                "worker %s: no scheduler for %.0f s (scheduler_lost_timeout); leaving",
+                self.name,
+                now - self._last_served,
+            )
+            print(
+                f"jobqueue-ms worker {self.name}: no scheduler reachable for "
+                f"{now - self._last_served:.0f} s; leaving",
+                file=sys.stderr,
+            )
+            self.stop()
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.warning("worker %s: parent %d is gone; stopping", self.name, self.parent_pid)
+            self.stop()
 
     def debug_state(self) -> dict[str, Any]:
         """Slots, queue and each scheduler link's lease (``kill -USR1`` prints it to stderr)."""
