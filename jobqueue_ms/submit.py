@@ -385,18 +385,10 @@ class Outcome:
 
 
 def _queue(spec: SubmitSpec) -> BatchCluster:
-    """The system's submit/poll/cancel mechanism for one job, without starting a cluster.
-
-    A BatchCluster starts schedulers when constructed; here the schedulers run inside the job,
-    so only the queue-facing half is wanted: the facts, ``run_command`` and the state tables.
-    """
-    cls = spec.cluster_class
-    queue = cls.__new__(cls)
-    queue.settings = spec.settings
-    queue.spec = spec.job
-    queue.cluster_dir = spec.job.log_directory or spec.workdir
-    queue._vanished = {}
-    return queue
+    """The system's submit/poll/cancel mechanism for one job, without starting a cluster."""
+    return spec.cluster_class.queue_only(
+        spec.settings, spec.job, spec.job.log_directory or spec.workdir
+    )
 
 
 class SubmittedJob:

@@ -939,6 +939,22 @@ class BatchCluster(Cluster):
                 pass
 
     @classmethod
+    def queue_only(cls, settings: _ClusterSettings, spec: JobSpec, directory: str) -> BatchCluster:
+        """The queue-facing half of a cluster: submit a rendered script, poll, cancel.
+
+        For ``jobqueue-ms submit``, whose schedulers run inside the job: nothing is started (no
+        schedulers, no keys, no sync thread). Only ``_submit_script``, ``_poll``, ``_cancel`` and
+        what they use (the system's facts, ``settings``, ``spec``, ``cluster_dir``) are valid on
+        it; ``__init__`` is skipped because it starts the schedulers.
+        """
+        queue = cls.__new__(cls)
+        queue.settings = settings
+        queue.spec = spec
+        queue.cluster_dir = directory
+        queue._vanished = {}
+        return queue
+
+    @classmethod
     def for_system(cls, system: str) -> type[BatchCluster]:
         """The cluster class of a batch system by name (``"slurm"``, ``"sge"``, ...)."""
         systems = batch_systems()
