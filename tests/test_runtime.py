@@ -562,13 +562,16 @@ def test_killed_owner_leaves_no_process(tmp_path: Path, sig: signal.Signals) -> 
             ]
 
         wait_until(lambda: not left(), timeout=30, message="processes outlived their owner")
+        assert os.path.isdir(started["dir"])  # a killed owner cannot remove it...
+        with LocalCluster(n_schedulers=1):  # ...the next cluster does, with its key file
+            assert not os.path.exists(started["dir"])
     finally:
         proc.kill()
         proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
         for p in left():
             os.kill(p, signal.SIGKILL)
-        shutil.rmtree(started["dir"], ignore_errors=True)  # a killed owner cannot remove it
+        shutil.rmtree(started["dir"], ignore_errors=True)
 
 
 _HEAP_CHURN = """

@@ -53,6 +53,7 @@ from ..runtime import security as _security
 from ..runtime.admin import SchedulerAdmin
 from ..runtime.security import Security
 from ..units import parse_duration, parse_memory
+from . import leftovers
 
 log = logging.getLogger("jobqueue_ms.cluster")
 
@@ -215,10 +216,15 @@ class Cluster:
         self._adaptive: Any = None
         self._scheduler_procs: list[subprocess.Popen[bytes]] = []
         self._own_dir = cluster_dir is None
+        if self._own_dir:
+            leftovers.sweep()  # what clusters killed before they could close() left behind
         self.cluster_dir = cluster_dir or tempfile.mkdtemp(prefix=f"{self.name}-")
         os.makedirs(self.cluster_dir, exist_ok=True)
         self.keep_keys = keep_keys
         self.security = self._make_security(security, key_directory, max_message_bytes)
+        if self._own_dir:
+            made = self._owns_keys and not keep_keys
+            leftovers.mark_owner(self.cluster_dir, self.security.path if made else None)
         self._info_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._stop_sync = threading.Event()
         self._sync_thread: threading.Thread | None = None
