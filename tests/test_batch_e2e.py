@@ -259,7 +259,7 @@ def test_schedulers_in_their_own_slurm_job(slurm, tmp_path):
     )
     try:
         out = subprocess.run(
-            ["squeue", "--noheader", "--format=%i", f"--name={cluster.name}-scheduler"],
+            ["squeue", "--noheader", "--format=%i", f"--name={cluster.unique_name}-scheduler"],
             capture_output=True,
             text=True,
         ).stdout.split()
@@ -329,7 +329,7 @@ def test_schedulers_in_their_own_sge_job(sge, tmp_path):
         **options,
     )
     try:
-        scheduler_job_id = sge_job_number(f"{cluster.name}-scheduler")
+        scheduler_job_id = sge_job_number(f"{cluster.unique_name}-scheduler")
         assert scheduler_job_id is not None  # the schedulers run in this job
         assert len(cluster.scheduler_addresses) == 2
         cluster.scale(jobs=1)
@@ -341,4 +341,4 @@ def test_schedulers_in_their_own_sge_job(sge, tmp_path):
         cluster.close()
     ids = {scheduler_job_id} | {r.job_id for r in cluster.jobs.values()}
     wait_until(lambda: not ids & queued_ids("sge"), timeout=60)
-    assert not (tmp_path / "shared" / cluster.name).exists()  # its scheduler files are gone
+    assert not (tmp_path / "shared" / cluster.unique_name).exists()  # its scheduler files are gone

@@ -17,13 +17,16 @@ import re
 import subprocess
 import sys
 import textwrap
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from jobqueue_ms.batch.base import BatchCluster, CommandError, run_command
 from jobqueue_ms.config import Config
+from jobqueue_ms.deploy import cluster as cluster_module
 from jobqueue_ms.deploy.cluster import ClusterError, JobRecord, JobState
 
 QUEUE_COMMANDS = (
@@ -611,17 +614,21 @@ def test_close_cancels_every_job_it_submitted_and_only_those(transcript, tmp_pat
     transcript.assert_done()
 
 
-def test_scheduler_job_placement(transcript, tmp_path):
+def test_scheduler_job_placement(transcript, tmp_path, monkeypatch):
     """The schedulers run in their own job; the cluster reads their files, close cancels it."""
     from jobqueue_ms.runtime.scheduler import Scheduler
 
+    # a known cluster id, so the scheduler files can be written where the cluster will look:
+    # under its unique name (job_name plus the id), never another same-named cluster's
+    fixed = uuid.UUID("0123abcd" + "0" * 24)
+    monkeypatch.setattr(cluster_module, "uuid", SimpleNamespace(uuid4=lambda: fixed))
     shared = tmp_path / "shared"
-    files = [shared / "jqmstest" / f"sched-{i}.json" for i in range(2)]
+    files = [shared / "jqmstest-0123abcd" / f"sched-{i}.json" for i in range(2)]
     files[0].parent.mkdir(parents=True)
     schedulers = [Scheduler(host="127.0.0.1", port=0, scheduler_file=str(f)) for f in files]
     addresses = [s.start() for s in schedulers]
     try:
-        transcript.expect(r"sbatch --parsable \S+/jqmstest-scheduler\.sh", "77\n")
+        transcript.expect(r"sbatch --parsable \S+/jqmstest-0123abcd-scheduler\.sh", "77\n")
         cluster = make_cluster(
             "slurm",
             tmp_path,
@@ -650,10 +657,29 @@ def test_scheduler_job_placement(transcript, tmp_path):
     transcript.assert_done()
 
 
-def test_a_scheduler_job_that_ends_early_fails_with_its_log(transcript, tmp_path):
-    transcript.expect(r"sbatch --parsable \S+/jqmsbad-scheduler\.sh", "78\n")
+def test_two_clusters_with_one_job_name_never_share_job_names(transcript, tmp_path):
+    """Cancel-by-name, scheduler files and key files go by the unique name, never job_name."""
+    a = make_cluster("slurm", tmp_path, job_name="analysis")
+    b = make_cluster("slurm", tmp_path, job_name="analysis")
+    try:
+        assert a.name == b.name == "analysis"
+        assert a.unique_name == f"analysis-{a.cluster_id}" != b.unique_name
+        assert f"#SBATCH --job-name={a.unique_name}-1\n" in a.job_script()
+        assert f"#SBATCH --job-name={b.unique_name}-1\n" in b.job_script()
+        assert a.security.path != b.security.path
+    finally:
+        a.close()
+        b.close()
+    transcript.assert_done()
+
+
+def test_a_scheduler_job_that_ends_early_fails_with_its_log(transcript, tmp_path, monkeypatch):
+    fixed = uuid.UUID("4567cdef" + "0" * 24)  # a known cluster id: the log's name has it
+    monkeypatch.setattr(cluster_module, "uuid", SimpleNamespace(uuid4=lambda: fixed))
+    transcript.expect(r"sbatch --parsable \S+/jqmsbad-4567cdef-scheduler\.sh", "78\n")
     transcript.expect(SQUEUE.format(78), "78 FAILED\n")
-    (tmp_path / "jqmsbad-scheduler-78.out").write_text("python: No module named jobqueue_ms\n")
+    log = tmp_path / "jqmsbad-4567cdef-scheduler-78.out"
+    log.write_text("python: No module named jobqueue_ms\n")
     with pytest.raises(ClusterError, match="(?s)ended \\(FAILED\\).*No module named jobqueue_ms"):
         make_cluster(
             "slurm",

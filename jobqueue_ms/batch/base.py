@@ -664,7 +664,7 @@ class BatchCluster(Cluster):
 
     def job_script(self) -> str:
         """Return exactly the script the next job will run (only its name differs per job)."""
-        return self._worker_script(f"{self.name}-{len(self.jobs) + 1}")
+        return self._worker_script(f"{self.unique_name}-{len(self.jobs) + 1}")
 
     def _worker_script(self, name: str) -> str:
         return self.render_script(
@@ -870,10 +870,10 @@ class BatchCluster(Cluster):
         shared = Path(
             self.settings.shared_directory or self.spec.log_directory or "~/.jobqueue-ms"
         ).expanduser()
-        self._scheduler_dir = shared / self.name
+        self._scheduler_dir = shared / self.unique_name
         self._scheduler_dir.mkdir(parents=True, exist_ok=True)
         files = [str(self._scheduler_dir / f"sched-{i}.json") for i in range(self.n_schedulers)]
-        record = JobRecord(name=f"{self.name}-scheduler")
+        record = JobRecord(name=f"{self.unique_name}-scheduler")
         self._scheduler_jobs.append(record)
         script = self.render_script(
             self.scheduler_spec,

@@ -181,6 +181,12 @@ class Cluster:
         self.n_schedulers = n_schedulers
         self.cluster_id = uuid.uuid4().hex[:8]
         self.name = name or f"jqms-{self.cluster_id}"
+        # What its jobs, scheduler files, key file and remote directories are named after: two
+        # clusters given the same name (job_name="analysis" in two notebooks) must not cancel,
+        # read or remove each other's.
+        self.unique_name = (
+            self.name if self.cluster_id in self.name else f"{self.name}-{self.cluster_id}"
+        )
         self.scheduler_host = scheduler_host
         self.memory_limit = (
             parse_memory(memory_limit, "memory_limit") if memory_limit is not None else None
@@ -249,8 +255,7 @@ class Cluster:
             directory = key_directory or (
                 _security.default_key_directory() if shared else self.cluster_dir
             )
-            name = self.name if self.cluster_id in self.name else f"{self.name}-{self.cluster_id}"
-            return Security.generate(directory, name=name, max_message_bytes=limit)
+            return Security.generate(directory, name=self.unique_name, max_message_bytes=limit)
         given = Security.coerce(security)
         return replace(given, max_message_bytes=limit) if limit else given
 
@@ -519,7 +524,7 @@ class Cluster:
 
     def _submit_one(self) -> JobRecord:
         k = next(self._counter)
-        name = f"{self.name}-{k}"
+        name = f"{self.unique_name}-{k}"
         record = JobRecord(
             name=name,
             walltime_s=self.lifetime_s,

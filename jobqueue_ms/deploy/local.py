@@ -105,7 +105,7 @@ class LocalCluster(Cluster):
 
     def job_script(self) -> str:
         """The command one job runs (a worker serving every scheduler)."""
-        return shell_join(self._worker_command(JobRecord(name=f"{self.name}-N"))) + "\n"
+        return shell_join(self._worker_command(JobRecord(name=f"{self.unique_name}-N"))) + "\n"
 
     def _submit(self, record: JobRecord) -> str:
         record.log_path = os.path.join(self.cluster_dir, f"{record.name}.log")

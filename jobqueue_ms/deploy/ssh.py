@@ -435,7 +435,7 @@ class SSHCluster(Cluster):
         self.scheduler_port = scheduler_port
         self.max_jobs_per_host = max_jobs_per_host
         self.connect_timeout = connect_timeout
-        self.remote_directory = f"{(remote_directory or '/tmp').rstrip('/')}/{self.name}"
+        self.remote_directory = f"{(remote_directory or '/tmp').rstrip('/')}/{self.unique_name}"
         # each host gets a copy of the key file (over ssh's stdin, mode 0600), removed at close
         self.remote_keyfile = f"{self.remote_directory}/cluster.keys"
         self.close_errors: list[str] = []
@@ -811,7 +811,7 @@ class SSHCluster(Cluster):
             host = self._pick_host()
         except ClusterError:  # every host full: still show the script
             host = self.hosts[0]
-        return self._render(JobRecord(name=f"{self.name}-N"), host)
+        return self._render(JobRecord(name=f"{self.unique_name}-N"), host)
 
     def _submit(self, record: JobRecord) -> str:
         host = self._pick_host()
