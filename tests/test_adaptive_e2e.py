@@ -355,6 +355,30 @@ def test_scale_down_under_steady_load_loses_and_repeats_nothing(local, tmp_path:
 # ------------------------------------------------------------------------------ 4: walltime
 
 
+def test_workers_retired_together_hand_their_results_to_the_others(local, tmp_path: Path) -> None:
+    """Two workers retired at once must not hand results to each other (then both leave)."""
+    cluster = local()
+    cluster.scale(4)
+    cluster.wait_for_workers(4)
+    log = tmp_path / "executions"
+    with Client(cluster) as client:
+        for round_ in range(3):
+            base = 100 * round_
+            held = [client.submit(record, str(log), base + i, 0.05, 200_000) for i in range(24)]
+            wait_until(lambda: all(f.done() for f in held), timeout=60)  # noqa: B023
+            keep = sorted(cluster.workers)[:2]
+            leaving = [w for w in sorted(cluster.workers) if w not in keep]
+            cluster.scale_down(leaving)
+            wait_until(lambda: sorted(cluster.workers) == keep, timeout=60)  # noqa: B023
+            assert client.submit(total, held).result(timeout=60) == sum(
+                (base + i) ** 2 for i in range(24)
+            )
+            cluster.scale(4)
+            cluster.wait_for_workers(4)
+    counts = executions(log)
+    assert [k for k, n in counts.items() if n != 1] == [], counts  # handed off, not recomputed
+
+
 def test_lifetime_drains_and_is_replaced_ahead_without_a_failed_task(local, tmp_path: Path) -> None:
     cluster = local(lifetime="30s", lifetime_stagger="8s")
     # The default lead time (at least 60 s, at most half a job's life) would replace 30 s jobs

@@ -1183,6 +1183,15 @@ class Scheduler:
                     self._dirty_clients.add(t.client)
                 if old.retiring and not old.holds:
                     self._send(old.ident, Kind.GOODBYE, {"scheduler_id": self.scheduler_id})
+            if w.retiring:  # it started leaving since it was chosen: pass the result on
+                targets = self._hand_off_targets(w)
+                if targets:
+                    target = targets[key % len(targets)]
+                    self._send(
+                        target.ident,
+                        Kind.REPLICATE,
+                        {"keys": [(key, w.data_address, (self.scheduler_id, key))]},
+                    )
 
     # ------------------------------------------------------------------ worker loss and retirement
     def _recompute(self, t: Task, reason: str) -> None:
@@ -1270,14 +1279,27 @@ class Scheduler:
         names = set(names)
         for w in self.workers.values():
             if w.name in names or (w.job is not None and w.job in names):
+                # retiring from now on, not once it has drained: workers retired together must
+                # not be chosen to receive each other's results (they would leave with them)
+                w.retiring = True
+                self.leased.pop(w.ident, None)
                 self._send(w.ident, Kind.RETIRE, {"scheduler_id": self.scheduler_id})
         self._send(ident, Kind.RETIRE, {"ok": True})
 
+    def _hand_off_targets(self, w: WorkerRecord) -> list[WorkerRecord]:
+        """Workers that may receive a retiring worker's results: none that is leaving too."""
+        return [
+            x
+            for x in self.workers.values()
+            if x is not w
+            and not x.retiring
+            and x.status.get("state") != "retiring"  # retiring by itself (its lifetime)
+            and x.data_address
+        ]
+
     def _hand_off(self, w: WorkerRecord) -> None:
         """Replicate a retiring worker's needed results to other workers, then say goodbye."""
-        targets = [
-            x for x in self.workers.values() if x is not w and not x.retiring and x.data_address
-        ]
+        targets = self._hand_off_targets(w)
         needed = [k for k in w.holds if (t := self.tasks.get(k)) and (t.wanted or t.dependents)]
         if not needed or not targets:
             for key in list(w.holds):
