@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -564,6 +565,7 @@ def test_slurm_cancelled_job_ends_wait_with_exit_code_1(slurm, mpi, job_name, tm
         logs = list(tmp_path.glob(f"{job_name}-*.out"))
         return bool(logs) and "STARTED" in logs[0].read_text()
 
+    t0 = time.time()
     try:
         wait_until(
             started,
@@ -577,6 +579,11 @@ def test_slurm_cancelled_job_ends_wait_with_exit_code_1(slurm, mpi, job_name, tm
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        # MPICH's hydra, killed with the job, leaves its topology file in /tmp (whatever TMPDIR
+        # says); remove the ones this job made
+        for leftover in Path("/tmp").glob("hydra_hwloc_xmlfile_*"):
+            if leftover.stat().st_mtime >= t0 - 1 and leftover.stat().st_uid == os.getuid():
+                leftover.unlink(missing_ok=True)
     assert proc.returncode == 1, err
     job_id = out.splitlines()[0]
     assert err.splitlines()[-1] == (
