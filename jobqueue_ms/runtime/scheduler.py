@@ -1184,14 +1184,7 @@ class Scheduler:
                 if old.retiring and not old.holds:
                     self._send(old.ident, Kind.GOODBYE, {"scheduler_id": self.scheduler_id})
             if w.retiring:  # it started leaving since it was chosen: pass the result on
-                targets = self._hand_off_targets(w)
-                if targets:
-                    target = targets[key % len(targets)]
-                    self._send(
-                        target.ident,
-                        Kind.REPLICATE,
-                        {"keys": [(key, w.data_address, (self.scheduler_id, key))]},
-                    )
+                self._replicate(w, [key], self._hand_off_targets(w))
 
     # ------------------------------------------------------------------ worker loss and retirement
     def _recompute(self, t: Task, reason: str) -> None:
@@ -1309,8 +1302,14 @@ class Scheduler:
             w.holds.clear()
             self._send(w.ident, Kind.GOODBYE, {"scheduler_id": self.scheduler_id})
             return
-        for i, key in enumerate(needed):
-            target = targets[i % len(targets)]
+        self._replicate(w, needed, targets)
+
+    def _replicate(self, w: WorkerRecord, keys: list[int], targets: list[WorkerRecord]) -> None:
+        """Have ``targets`` (spread by key) fetch these results from ``w`` and keep them."""
+        if not targets:
+            return
+        for key in keys:
+            target = targets[key % len(targets)]
             self._send(
                 target.ident,
                 Kind.REPLICATE,
