@@ -303,8 +303,14 @@ def test_two_schedulers_the_snapshot_sums_both(local, tmp_path: Path) -> None:
         adaptive = cluster.adapt(minimum=0, maximum=4, **FAST)
         with Sampler(cluster) as sampler:
             wait_until(lambda: len(cluster.workers) == 4, timeout=30, message=describe(cluster))
+
+            # cluster.workers is the union: a new worker may not have reached both schedulers yet
+            def all_see_four() -> list[dict] | None:
+                infos = cluster.scheduler_info(max_age=0)
+                return infos if all(len(info["workers"]) == 4 for info in infos) else None
+
+            infos = wait_until(all_see_four, timeout=30, message=describe(cluster))
             snapshot = cluster.snapshot()
-            infos = cluster.scheduler_info(max_age=0)
             # Every worker serves both schedulers, and is counted once.
             assert len(snapshot.workers) == 4
             assert all(len(info["workers"]) == 4 for info in infos)

@@ -749,7 +749,12 @@ class Cluster:
         return out
 
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
-        """Block until at least ``n`` workers are connected (raise ClusterError on timeout)."""
+        """Block until at least ``n`` workers are connected (raise ClusterError on timeout).
+
+        A worker counts once it has registered with any of the cluster's schedulers; it
+        registers with each one separately, so for a moment after this returns a scheduler may
+        still see fewer (tasks it receives meanwhile run on the workers it does see).
+        """
         deadline = time.monotonic() + timeout
         while True:
             self._raise_if_failed()
