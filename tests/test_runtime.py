@@ -19,6 +19,7 @@ import pytest
 from helpers import wait_until
 
 from jobqueue_ms import Client, KilledWorkerError, LocalCluster, VersionMismatchError
+from jobqueue_ms.runtime import client as client_module
 from jobqueue_ms.runtime import protocol
 from jobqueue_ms.runtime.scheduler import Scheduler
 from jobqueue_ms.runtime.security import Security
@@ -88,6 +89,33 @@ def test_submit_map_bulk_and_executor_semantics(client: Client) -> None:
     f = client.submit(inc, 1)
     f.add_done_callback(lambda fut: seen.append(fut.result()))
     wait_until(lambda: seen == [2], timeout=30)
+
+
+def test_a_sequential_caller_costs_the_scheduler_two_messages_per_task() -> None:
+    """submit -> result in a loop: the SUBMIT and the DONE, nothing else per task.
+
+    A task that finishes before the worker reports it started is reported once (its DONE), and
+    the client releases dropped futures in batches; both used to be a message per task.
+    """
+    n = 300
+    with LocalCluster(n_schedulers=1, n_workers=1) as cluster, Client(cluster) as client:
+        cluster.wait_for_workers(1, timeout=30)
+        assert client.submit(inc, 0).result(timeout=30) == 1  # the function is known now
+        before = client.scheduler_info()[0]["counters"]["messages"]
+        t0 = time.monotonic()
+        assert [client.submit(inc, i).result(timeout=30) for i in range(n)] == [
+            i + 1 for i in range(n)
+        ]
+        elapsed = time.monotonic() - t0
+        messages = client.scheduler_info()[0]["counters"]["messages"] - before
+        # on top: one RELEASE per batching period, heartbeats (client and worker, every 0.25 s
+        # here) and the info request
+        releases = elapsed / (client_module._RELEASE_EVERY_MS / 1000) + 1
+        heartbeats = 2 * (elapsed / 0.25 + 1)
+        assert messages <= 2 * n + releases + heartbeats + 1, (messages, elapsed)
+        assert messages < 2.5 * n  # it was 4 per task
+        # and the batched releases do arrive: the scheduler forgets every task
+        wait_until(lambda: client.scheduler_info()[0]["tasks_total"] == 0, timeout=10)
 
 
 def test_map_timeout_raises_and_cancels_what_is_left(client: Client) -> None:

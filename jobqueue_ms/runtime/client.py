@@ -56,6 +56,10 @@ _FAILURES: dict[str, type[Exception]] = {
 _SLACK = 64 * 1024  # room for the framing around one task's payload in a message
 
 
+_RELEASE_EVERY_MS = 10  # dropped futures are released on the schedulers this often
+_RELEASE_BATCH = 4096  # ... or as soon as this many are waiting
+
+
 class DependencyError(JobqueueError):
     """An input of this task failed or was cancelled."""
 
@@ -316,7 +320,7 @@ class Client(cf.Executor):
         self._scattered: dict[int, Any] = {}
         self._fcache: dict[int, tuple[Any, bytes, bytes]] = {}
         self._inbox: deque[tuple[str, Any]] = deque()
-        self._releases: list[int] = []
+        self._releases: deque[int] = deque()  # appended by Future.__del__ in any thread
         self._lock = threading.Lock()
         self._shutdown = False
         self._closed = threading.Event()
@@ -766,9 +770,11 @@ class Client(cf.Executor):
             Kind.GOODBYE: lambda link, msg: self._scheduler_lost(link, "it shut down"),
         }
         next_tick = 0.0
+        next_release = 0.0
+        idle_ms = int(self.heartbeat_interval_s * 500)
         try:
             while True:
-                events = poller.poll(int(self.heartbeat_interval_s * 500))
+                events = poller.poll(_RELEASE_EVERY_MS if self._releases else idle_ms)
                 for sock, _ in events:
                     if sock == self._wakeup.fd:
                         self._wakeup.drain()
@@ -792,9 +798,14 @@ class Client(cf.Executor):
                             log.warning("dropped a malformed message: %s", exc, exc_info=True)
                 if self._inbox and not self._process_inbox():
                     break
-                if self._releases:
-                    self._flush_releases()
                 now = time.monotonic()
+                if self._releases and (
+                    now >= next_release or len(self._releases) >= _RELEASE_BATCH
+                ):
+                    # Batched: one message per few ms, not one per finished future (a
+                    # sequential caller would otherwise send a RELEASE with every submit).
+                    self._flush_releases()
+                    next_release = now + _RELEASE_EVERY_MS / 1000
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + self.heartbeat_interval_s / 2
@@ -1015,9 +1026,10 @@ class Client(cf.Executor):
         )
 
     def _flush_releases(self) -> None:
-        releases, self._releases = self._releases, []
+        releases = self._releases
         by: dict[int, list[int]] = {}
-        for k in releases:
+        while releases:  # popleft, not swap-and-iterate: an append racing the swap would be lost
+            k = releases.popleft()
             spec = self._specs.pop(k, None)
             self._scattered.pop(k, None)
             if spec is not None and spec.sched >= 0:

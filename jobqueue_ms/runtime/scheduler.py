@@ -259,6 +259,7 @@ class Scheduler:
             "refused": 0,
             "functions_asked_again": 0,
             "tasks_refused_limit": 0,
+            "messages": 0,  # received, of every kind: what the peers' traffic costs
         }
         self._guard: Guard | None = None
         # batched messages are split well below the peers' per-frame limit
@@ -407,6 +408,7 @@ class Scheduler:
         Nothing a peer sends may stop the scheduler: what the validators in ``protocol`` let
         through and a handler still chokes on is dropped too (and logged with its traceback).
         """
+        self.counters["messages"] += 1
         try:
             ident = frames[0].bytes
             kind = frames[1].bytes

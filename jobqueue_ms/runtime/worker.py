@@ -896,8 +896,12 @@ class Worker:
         """Send each scheduler its DONE batch (with any new lease) and STARTED notices."""
         for lk in self._links:
             if lk.started:
-                if lk.state == "ready":
-                    self._send(lk, Kind.STARTED, lk.started)
+                started = lk.started
+                if lk.done:  # a DONE says it started too: no STARTED for what it carries
+                    finished = {entry[0] for entry in lk.done}
+                    started = [k for k in started if k not in finished]
+                if started and lk.state == "ready":
+                    self._send(lk, Kind.STARTED, started)
                 lk.started = []
             if lk.done:
                 grant = lk.pending_grant
