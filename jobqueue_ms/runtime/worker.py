@@ -30,7 +30,7 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .protocol import Kind, ProtocolError, dumps_user, loads_control, pack
+from .protocol import Kind, ProtocolError, dumps_user, loads_control, pack, send_nowait
 from .security import Guard, Security, describe_handshake_failure, watch_handshakes
 from .wakeup import Wakeup
 
@@ -368,7 +368,7 @@ class Worker:
 
     def _send(self, link: _SchedulerLink, kind: bytes, control: Any = None) -> bool:
         try:
-            link.sock.send_multipart(pack(kind, control), zmq.NOBLOCK)
+            send_nowait(link.sock, pack(kind, control))
         except zmq.ZMQError:
             return False
         link.last_send = time.monotonic()
