@@ -212,6 +212,19 @@ def guarded(res: Results, sec: str, who: str, seconds: float, fn: Callable[[], A
 
 
 # ---------------------------------------------------------------------- a-d: one cluster each
+def process_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process and of its children, by role."""
+    me = psutil.Process()
+    out = {"client": sum(me.cpu_times()[:2]), "scheduler": 0.0, "workers": 0.0}
+    for p in me.children(recursive=True):
+        try:
+            role = "scheduler" if "scheduler" in p.cmdline() else "workers"
+            out[role] += sum(p.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def jq_abcd(cfg: dict[str, Any], only: set[str], out: dict[str, Any], res: Results) -> None:
     import concurrent.futures as cf
 
@@ -240,7 +253,7 @@ def jq_abcd(cfg: dict[str, Any], only: set[str], out: dict[str, Any], res: Resul
                 client.gather(futs)
                 return n / (time.perf_counter() - t0)
 
-            def b() -> tuple[float, float]:
+            def b() -> tuple[float, float, dict[str, Any]]:
                 for i in range(cfg["b_warm"]):
                     client.submit(inc, i).result(timeout=10)
                 lat = []
@@ -249,7 +262,18 @@ def jq_abcd(cfg: dict[str, Any], only: set[str], out: dict[str, Any], res: Resul
                     v = client.submit(inc, i).result(timeout=10)
                     lat.append(time.perf_counter() - t0)
                     assert v == i + 1
-                return statistics.median(lat) * 1e3, pctl(lat, 0.99) * 1e3
+                # Where it goes: CPU per round trip by process (over more of them: the clock
+                # behind cpu_times ticks every 10 ms), and the messages the scheduler receives.
+                m = cfg["b_cpu_n"]
+                cpu0, msgs0 = process_cpu(), client.scheduler_info()[0]["counters"]["messages"]
+                for i in range(m):
+                    client.submit(inc, i).result(timeout=10)
+                cpu1, msgs1 = process_cpu(), client.scheduler_info()[0]["counters"]["messages"]
+                where = {
+                    "cpu_us": {k: (cpu1[k] - cpu0[k]) / m * 1e6 for k in cpu0},
+                    "scheduler_messages": (msgs1 - msgs0 - 1) / m,  # less the info request
+                }
+                return statistics.median(lat) * 1e3, pctl(lat, 0.99) * 1e3, where
 
             def c() -> tuple[float, float]:
                 m = cfg["c_len"]
@@ -713,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
             "a_tasks": 1000,
             "b_warm": 10,
             "b_n": 50,
+            "b_cpu_n": 300,
             "c_len": 100,
             "d_n": 4,
             "d_size": 10 * MB,
@@ -727,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
             "a_tasks": 20_000,
             "b_warm": 30,
             "b_n": 300,
+            "b_cpu_n": 3000,
             "c_len": 1000,
             "d_n": 50,
             "d_size": 10 * MB,
@@ -978,6 +1004,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{on['gather_mb_s'] / off['gather_mb_s']:.2f}x |"
             )
         print()
+    if isinstance(jq.get("b"), (list, tuple)) and len(jq["b"]) > 2:
+        where = jq["b"][2]
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in where["cpu_us"].items())
+        print(
+            f"b: per jobqueue-ms round trip: CPU µs {cpu} (workers: both, with nannies); "
+            f"messages the scheduler receives: {where['scheduler_messages']:.2f}"
+        )
     if isinstance(jq.get("g"), dict):
         print(
             f"g: tasks done per scheduler (one client on both): {jq['g']['two_one_client_split']}"
