@@ -182,22 +182,14 @@ def scheduler(
 
 
 def _interface_address(interface: str) -> str:
-    import socket
+    from .netif import InterfaceError, ipv4_address
 
-    import psutil
-
-    addrs = psutil.net_if_addrs().get(interface)
-    if not addrs:
-        known = ", ".join(sorted(psutil.net_if_addrs()))
+    try:
+        return ipv4_address(interface)
+    except InterfaceError as exc:
         raise click.BadParameter(
-            f"no network interface {interface!r} (known: {known})", param_hint="--interface"
-        )
-    for a in addrs:
-        if a.family == socket.AF_INET:
-            return str(a.address)
-    raise click.BadParameter(
-        f"interface {interface!r} has no IPv4 address", param_hint="--interface"
-    )
+            f"{exc}. Give one of them, or an address with --host", param_hint="--interface"
+        ) from None
 
 
 def _parse_resources(values: tuple[str, ...]) -> dict[str, float]:

@@ -153,21 +153,14 @@ def interface_address(interface: str) -> str:
     ValueError
         No such interface, or it has no IPv4 address; the message lists the interfaces.
     """
-    import psutil
+    from .netif import InterfaceError, ipv4_address
 
-    interfaces = psutil.net_if_addrs()
-    for a in interfaces.get(interface, []):
-        if a.family == socket.AF_INET:
-            return str(a.address)
-    known = ", ".join(
-        f"{name} ({', '.join(a.address for a in addrs if a.family == socket.AF_INET) or 'no IPv4'})"
-        for name, addrs in sorted(interfaces.items())
-    )
-    what = "has no IPv4 address" if interface in interfaces else "does not exist"
-    raise ValueError(
-        f"interface={interface!r} {what} on {socket.gethostname()}; known: {known}. "
-        "Pass one of them (--interface ib0) or an address (--host 10.0.0.5)"
-    )
+    try:
+        return ipv4_address(interface)
+    except InterfaceError as exc:
+        raise ValueError(
+            f"{exc}. Pass one of them (--interface ib0) or an address (--host 10.0.0.5)"
+        ) from None
 
 
 def _interface_addresses() -> list[str]:

@@ -671,6 +671,14 @@ def test_cli_help_and_clear_errors() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode != 0 and "--memory-limit='lots'" in bad.stderr
+    for cmd in (["scheduler"], ["worker", "--scheduler", "tcp://127.0.0.1:1"]):
+        bad = subprocess.run(
+            [sys.executable, "-m", "jobqueue_ms", *cmd, "--interface", "nosuch0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert bad.returncode == 2, bad.stderr
+        assert "interface='nosuch0' does not exist" in bad.stderr
+        assert "lo (127.0.0.1)" in bad.stderr  # the interfaces it could have been
 
 
 def _constant(k: int) -> Callable[[], int]:

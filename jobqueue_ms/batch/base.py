@@ -1043,25 +1043,18 @@ def interface_address(interface: str) -> str:
     Raises
     ------
     ValueError
-        No such interface (the message lists the known ones), or it has no IPv4 address.
+        No such interface here, or it has no IPv4 address (the message lists the known ones).
     """
-    import psutil
+    from ..netif import InterfaceError, ipv4_address
 
-    interfaces = psutil.net_if_addrs()
-    if interface not in interfaces:
+    try:
+        return ipv4_address(interface)
+    except InterfaceError as exc:
         raise ValueError(
-            f"interface={interface!r} is not a network interface of this machine, where the "
-            f"schedulers run (scheduler_placement='local'); known interfaces: "
-            f"{', '.join(sorted(interfaces))}. Give one of them, or scheduler_host=... to "
-            "choose the schedulers' address yourself"
-        )
-    for address in interfaces[interface]:
-        if address.family == socket.AF_INET:
-            return str(address.address)
-    raise ValueError(
-        f"interface={interface!r} has no IPv4 address on this machine, where the schedulers "
-        "run; give scheduler_host=... or another interface"
-    )
+            f"{exc} -- this machine is where the schedulers run (scheduler_placement='local'). "
+            "Give one of those interfaces, or scheduler_host=... to choose the schedulers' "
+            "address yourself"
+        ) from None
 
 
 def _default_scheduler_host() -> str:
