@@ -515,20 +515,27 @@ def test_client_shutdown_returns_after_its_scheduler_was_killed(tmp_path: Path) 
         proc.wait()
 
 
-def test_version_mismatch_is_refused_naming_both_versions(
-    monkeypatch: pytest.MonkeyPatch,
+def test_version_mismatch_is_refused_naming_both_versions_and_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     sched = Scheduler(port=0)
     address = sched.start()
     try:
         real = protocol.versions()
         monkeypatch.setattr(protocol, "versions", lambda: {**real, "jobqueue_ms": "0.0.0-old"})
-        with pytest.raises(VersionMismatchError) as info:
-            Client(address, timeout=10)
-        text = str(info.value)
-        assert "0.0.0-old" in text and real["jobqueue_ms"] in text
+        with caplog.at_level("WARNING", logger="jobqueue_ms.scheduler"):
+            for _ in range(5):
+                with pytest.raises(VersionMismatchError) as info:
+                    Client(address, timeout=10)
+                text = str(info.value)
+                assert "0.0.0-old" in text and real["jobqueue_ms"] in text
+        # logged once per kind of peer, counted every time
+        refusals = [r for r in caplog.records if "refused client" in r.getMessage()]
+        assert len(refusals) == 1
+        assert sched.info()["counters"]["refused"] >= 5
     finally:
         sched.stop()
+    assert not os.path.exists(str(sched.security.path))  # its own keys, removed by stop()
 
 
 def test_get_versions_reports_every_process(client: Client) -> None:

@@ -210,26 +210,8 @@ def test_outsiders_cannot_reach_a_parser_and_are_logged_once(tmp_path: Path) -> 
     assert len(re.findall("handshake failed", log_text)) == 1
 
 
-def test_version_mismatch_refused_and_logged_once_per_kind_of_peer(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    from jobqueue_ms.runtime.errors import VersionMismatchError
-
-    sched = Scheduler(port=0)
-    address = sched.start()
-    try:
-        real = protocol.versions()
-        monkeypatch.setattr(protocol, "versions", lambda: {**real, "jobqueue_ms": "0.0.0-old"})
-        with caplog.at_level("WARNING", logger="jobqueue_ms.scheduler"):
-            for _ in range(5):
-                with pytest.raises(VersionMismatchError, match="0.0.0-old"):
-                    Client(address, timeout=10)
-        refusals = [r for r in caplog.records if "refused client" in r.getMessage()]
-        assert len(refusals) == 1
-        assert sched.info()["counters"]["refused"] >= 5
-    finally:
-        sched.stop()
-    assert not os.path.exists(str(sched.security.path))  # its own keys, removed by stop()
+# A peer of another version: refused with both versions named, logged once per kind of peer
+# (tests/test_runtime.py::test_version_mismatch_is_refused_naming_both_versions_and_logged_once).
 
 
 # ---------------------------------------------------------------------------- limits
