@@ -37,6 +37,8 @@ from jobqueue_ms.deploy.ssh import (
     SSHError,
     _control_directory,
     connect_timeout_option,
+    lifeline_script,
+    lifeline_stdin,
     parse_hosts,
     place_job,
     remote_stdin,
@@ -392,6 +394,77 @@ def test_interpreter_exit_stops_remote_processes(hosts: SSHHosts) -> None:
         subprocess.run(["rm", "-rf", remote_directory], check=True)
 
 
+OWNER_KILLED = """
+import sys
+from jobqueue_ms.deploy.ssh import SSHCluster
+
+SSHCluster.lifeline_grace_s = {grace}
+cluster = SSHCluster(**{options!r})
+cluster.scale(jobs=2)
+cluster.wait_for_workers(2, timeout=60)
+print(cluster.name, cluster.remote_directory, cluster.control_directory, flush=True)
+sys.stdin.read()  # until the test kills this process
+"""
+
+
+def test_a_killed_owner_s_remote_processes_stop_after_the_lifeline_grace(hosts: SSHHosts) -> None:
+    """SIGKILL the process that made the cluster: no close(), no atexit. The hosts notice the
+    lifelines end and, after the grace a reconnecting owner would have, stop what it started
+    there and remove the remote directory; the next cluster removes the control directory."""
+    grace = 4.0
+    options = {
+        "hosts": list(hosts.addresses),
+        "scheduler_hosts": list(hosts.addresses),
+        "n_schedulers": 2,
+        "python": sys.executable,
+        "ssh_options": hosts.ssh_options,
+        "port": hosts.port,
+        "prologue": [f"export {k}={v}" for k, v in HEARTBEAT.items()],
+    }
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER_KILLED.format(grace=grace, options=options)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    name = remote_directory = control_directory = ""
+    try:
+        assert owner.stdout is not None and owner.stderr is not None
+        line = owner.stdout.readline()  # printed once the workers are connected
+        assert len(line.split()) == 3, owner.stderr.read()
+        name, remote_directory, control_directory = line.split()
+        started = processes_of(name)
+        assert sum("scheduler" in p.cmdline() for p in started) == 2
+        assert sum("worker" in p.cmdline() for p in started) >= 2
+        owner.kill()
+        owner.wait(timeout=10)
+        # not at once: a reconnecting owner would have the grace to take over
+        assert all(p.is_running() for p in started[:1]) and os.path.exists(remote_directory)
+        wait_until(
+            lambda: not processes_of(name) and not os.path.exists(remote_directory),
+            timeout=grace + 40,
+            message=lambda: [p.cmdline() for p in processes_of(name)],
+        )
+        # the next cluster of this user removes the dead owner's control directory
+        with make_cluster(hosts) as cluster:
+            assert cluster.control_directory != control_directory
+        assert not os.path.exists(control_directory)
+    finally:  # what a failure left behind
+        if owner.poll() is None:
+            owner.kill()
+        owner.communicate(timeout=10)  # reaps it, closes the pipes
+        for p in processes_of(name) if name else []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        for p in processes_of(control_directory) if control_directory else []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()  # its ControlMasters would otherwise linger for ControlPersist
+        for d in (remote_directory, control_directory):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+
+
 # ============================================================================ pure parts
 
 CAP = {"a": HostCapacity(4, 8 * 2**30, 0.5), "b": HostCapacity(2, 8 * 2**30, 0.1)}
@@ -469,6 +542,56 @@ def test_control_sockets_go_to_a_short_directory(tmp_path, monkeypatch):
         assert len(f"{directory}/cm-{'0' * 40}.{'X' * 16}") < UNIX_PATH_MAX
     finally:
         os.rmdir(directory)
+
+
+def _lifeline(directory: Path, token: str, grace: float) -> subprocess.Popen[str]:
+    """The remote end of a lifeline, run here as sshd would run it (``bash -s``, our stdin)."""
+    proc = subprocess.Popen(
+        ["bash", "-s"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(lifeline_stdin(lifeline_script(str(directory), token, grace)))
+    proc.stdin.flush()
+    mark = directory / "lifeline"
+    wait_until(lambda: mark.exists() and mark.read_text().strip() == token, timeout=10)
+    return proc
+
+
+@pytest.mark.parametrize("ending", ["bye", "eof", "eof, then a newer lifeline"])
+def test_the_lifeline_s_remote_end(ending: str, tmp_path: Path) -> None:
+    """bye: nothing stopped. End of input: after the grace, the launched groups that have not
+    exited are stopped and the directory removed; unless a newer lifeline replaced the token."""
+    d = tmp_path / "remote"
+    d.mkdir()
+    job = subprocess.Popen(["sleep", "300"], start_new_session=True)  # a launched job's group
+    (d / "job-1.pgid").write_text(f"{job.pid}\n")
+    (d / "job-0.pgid").write_text("999999999\n")  # exited long ago: its .exit is there
+    (d / "job-0.exit").write_text("0\n")
+    try:
+        grace = 2.0  # room for the newer lifeline's bash to start within it on a loaded machine
+        line = _lifeline(d, "first", grace)
+        assert line.stdin is not None
+        if ending == "bye":
+            line.stdin.write("bye\n")
+        line.stdin.close()
+        assert line.wait(timeout=10) == 0  # at once: the cleanup is detached
+        if ending == "eof":
+            wait_until(lambda: job.poll() is not None and not d.exists(), timeout=grace + 15)
+            assert job.returncode == -signal.SIGTERM
+            return
+        if ending != "bye":
+            newer = _lifeline(d, "second", grace)  # within the grace
+        # the first lifeline's cleanup (if any) waits out its grace, then finds itself replaced
+        wait_until(lambda: not processes_of(f"jqms-lifeline {d}"), timeout=grace + 15)
+        assert job.poll() is None and d.exists()
+        if ending != "bye":
+            assert newer.stdin is not None
+            newer.stdin.write("bye\n")
+            newer.stdin.close()
+            assert newer.wait(timeout=10) == 0
+    finally:
+        job.kill()
+        job.wait()
 
 
 @pytest.mark.parametrize("shell", ["bash", "dash", "tcsh", "csh"])

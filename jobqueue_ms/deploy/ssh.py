@@ -12,6 +12,11 @@ and runs with ``BatchMode=yes``. The remote command line is always just ``bash -
 travels on standard input, so the user's login shell (bash, zsh, csh, tcsh...) only has to start
 bash, and nothing is parsed twice.
 
+Each host also gets a *lifeline*: one ssh session that stays open while the cluster lives (see
+:func:`lifeline_script`). If this process dies without ``close()`` -- SIGKILL, a crash, a lost
+login node -- the session's end reaches the host, and after a grace period (a reconnecting owner
+takes over within it) everything the cluster started there is stopped and its directory removed.
+
 Workers are placed by free capacity: every host is probed once at start (cores it lets us use,
 available memory, load) and each new job goes to the host with the most cores left after what
 this cluster's jobs there use (see :func:`place_job`).
@@ -32,9 +37,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from . import leftovers
 from .cluster import Cluster, ClusterError, JobRecord, JobState
 
 log = logging.getLogger("jobqueue_ms.ssh")
@@ -245,6 +251,63 @@ def remote_stdin(script: str) -> str:
     return f"jqms_main() {{\n{script.rstrip()}\n}}\njqms_main < /dev/null\n"
 
 
+def kill_groups_script(pgids: str, grace_s: float, then: str = "") -> str:
+    """Shell text: TERM the process groups in shell word list ``pgids``, KILL what is left
+    after ``grace_s``, then run ``then`` (pure; ``pgids`` may be an expansion like ``$ids``)."""
+    steps = max(1, int(grace_s / 0.1))
+    return f"""pgids="{pgids}"
+for p in $pgids; do kill -TERM -- -$p 2>/dev/null || true; done
+for _ in $(seq {steps}); do
+    alive=""
+    for p in $pgids; do kill -0 -- -$p 2>/dev/null && alive=1; done
+    [ -z "$alive" ] && break
+    sleep 0.1  # polling the groups until they are gone, with a deadline
+done
+for p in $pgids; do kill -KILL -- -$p 2>/dev/null || true; done
+{then}
+"""
+
+
+LIFELINE_GONE = 4  # the lifeline's exit status when the remote directory is already gone
+
+
+def lifeline_script(directory: str, token: str, grace_s: float) -> str:
+    """The remote end of a host's lifeline (pure): run by ``bash -s``, reading the owner's stdin.
+
+    It records ``token`` as the host's current lifeline and reads lines until ``bye`` (close()
+    ran: exit) or the end of input (the owner died, or the connection did). Then, detached and
+    after ``grace_s`` -- the time a reconnecting owner has to start a new lifeline, which
+    replaces the token -- it stops every process group launched there that has not exited
+    (``<name>.pgid`` without ``<name>.exit``) and removes the directory. Its processes carry
+    the directory in their command line, so they can be found like the ones they clean up.
+    """
+    d = shlex.quote(directory)
+    wait = shlex.quote(f"jqms-lifeline {directory}")
+    cleanup = f"""[ "$(cat {d}/lifeline 2>/dev/null)" = {token} ] || exit 0
+ids=""
+for f in {d}/*.pgid; do
+    [ -e "$f" ] || continue
+    [ -e "${{f%.pgid}}.exit" ] || ids="$ids $(cat "$f")"
+done
+{kill_groups_script("$ids", 10.0, f"rm -rf -- {d}")}"""
+    return f"""trap '' HUP PIPE INT
+[ -d {d} ] || exit {LIFELINE_GONE}
+echo {token} > {d}/lifeline
+while IFS= read -r line; do
+    [ "$line" = bye ] && exit 0
+done
+(
+    (exec -a {wait} sleep {grace_s:g})
+    bash -c {shlex.quote(cleanup)} {wait}
+) > /dev/null 2>&1 < /dev/null &
+"""
+
+
+def lifeline_stdin(script: str) -> str:
+    """Like :func:`remote_stdin`, but the script reads the rest of stdin: the owner's pipe."""
+    return f"jqms_main() {{\n{script.rstrip()}\n}}\njqms_main\n"
+
+
 def _heredoc(path: str, text: str) -> str:
     """Shell text that writes ``text`` to ``path`` verbatim."""
     tag = f"JQMS_{uuid.uuid4().hex}"
@@ -271,6 +334,16 @@ class _Host:
     address: str  # what workers and schedulers bind to on that host
     reached: bool = False  # the remote directory may exist: clean it up at close
     capacity: HostCapacity | None = None
+
+
+@dataclass
+class _Lifeline:
+    """The local end of a host's lifeline: an ssh whose stdin stays open while we live."""
+
+    proc: subprocess.Popen[str]
+    token: str
+    started_at: float = field(default_factory=time.monotonic)
+    warned: bool = False  # it replaces one whose end was logged
 
 
 @dataclass
@@ -354,6 +427,8 @@ class SSHCluster(Cluster):
     poll_interval_s = 1.0
     retire_timeout_s = 30.0
     control_persist_s = 60
+    # after the owner is gone, its processes on a host stop this much later (see lifeline_script)
+    lifeline_grace_s = 60.0
     shared_key_directory = False  # the hosts get copies; the original stays in cluster_dir
 
     def __init__(
@@ -440,11 +515,13 @@ class SSHCluster(Cluster):
         self.remote_keyfile = f"{self.remote_directory}/cluster.keys"
         self.close_errors: list[str] = []
         self.control_directory = _control_directory()
+        leftovers.mark_owner(self.control_directory, None)  # removed by a later cluster if we die
         self._hosts: dict[str, _Host] = {}
         for h, address in {**worker_hosts, **given_scheduler_hosts}.items():
             other = worker_hosts.get(h) or given_scheduler_hosts.get(h)
             self._hosts[h] = _Host(h, address or other or self._resolve_address(h))
         self._schedulers: list[_RemoteScheduler] = []
+        self._lifelines: dict[str, _Lifeline] = {}
         self._unstopped: set[tuple[str, int]] = set()  # job groups not yet seen gone or killed
         self._next_scheduler_check = 0.0
         self._start_failed = False
@@ -553,6 +630,73 @@ class SSHCluster(Cluster):
         self._hosts[host].capacity = _parse_capacity(proc.stdout)
         log.info("host %s: %s", host, self._hosts[host].capacity)
 
+    # ------------------------------------------------------------------ lifelines
+    def _start_lifeline(self, host: str) -> None:
+        """Open the host's lifeline (a new token: an old one's pending cleanup is called off)."""
+        token = uuid.uuid4().hex
+        proc = subprocess.Popen(
+            [*self._ssh_argv(host), REMOTE_COMMAND],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # a Ctrl-C meant for us must not cut it before close() runs
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(
+            lifeline_stdin(lifeline_script(self.remote_directory, token, self.lifeline_grace_s))
+        )
+        proc.stdin.flush()
+        self._lifelines[host] = _Lifeline(proc, token)
+
+    def _check_lifelines(self) -> None:
+        """Reopen a lifeline that ended while we live (a dropped connection); say so once."""
+        for host, line in list(self._lifelines.items()):
+            code = line.proc.poll()
+            if code is None or self._closed:
+                continue
+            if code == LIFELINE_GONE:
+                log.error(
+                    "host %r: %s is gone: the host stopped this cluster's processes there after "
+                    "losing its lifeline for %g s; no more jobs go there",
+                    host,
+                    self.remote_directory,
+                    self.lifeline_grace_s,
+                )
+                del self._lifelines[host]
+                self._hosts[host].reached = False
+                continue
+            # an unreachable host fails again at once: logged once, not at every poll
+            quick = time.monotonic() - line.started_at < 10.0
+            if not (line.warned and quick):
+                log.warning(
+                    "host %r: lifeline ended (ssh exit %s); reopening it (within %g s, or the "
+                    "host stops this cluster's processes there)",
+                    host,
+                    code,
+                    self.lifeline_grace_s,
+                )
+            self._start_lifeline(host)
+            self._lifelines[host].warned = True
+
+    def _end_lifelines(self, timeout: float = 5.0) -> None:
+        """Say goodbye on every lifeline (close() cleaned up) and wait for the ssh to end."""
+        for line in self._lifelines.values():
+            try:
+                assert line.proc.stdin is not None
+                line.proc.stdin.write("bye\n")
+                line.proc.stdin.close()
+            except (OSError, ValueError):
+                pass  # it ended already
+        deadline = time.monotonic() + timeout
+        for line in self._lifelines.values():
+            try:
+                line.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                line.proc.kill()
+                line.proc.wait()
+        self._lifelines.clear()
+
     @property
     def host_capacity(self) -> dict[str, HostCapacity | None]:
         """What each host offered when probed at start (cores, available memory, load)."""
@@ -568,7 +712,7 @@ class SSHCluster(Cluster):
                 f"cd {shlex.quote(d)}",
                 _heredoc(path, script),
                 f"{{ setsid nohup bash {shlex.quote(path)} > {shlex.quote(log_path)} 2>&1"
-                " < /dev/null & echo $!; }",
+                f" < /dev/null & echo $! > {shlex.quote(f'{d}/{name}.pgid')}; echo $!; }}",
             ]
         )
         out = self._ssh(host, text, what).stdout
@@ -579,6 +723,8 @@ class SSHCluster(Cluster):
         """Check every host, start the schedulers over ssh and read their files back."""
         try:
             self._on_hosts(self._check_host, list(self._hosts), raise_first=True)
+            for host in self._hosts:
+                self._start_lifeline(host)
             for i, host in enumerate(scheduler_placement(self.n_schedulers, self.scheduler_hosts)):
                 self._start_scheduler(i, host)
             return [self._read_scheduler_file(s) for s in self._schedulers]
@@ -679,6 +825,7 @@ class SSHCluster(Cluster):
         now = time.monotonic()
         if now >= self._next_scheduler_check and not self._closed:
             self._next_scheduler_check = now + self.poll_interval_s
+            self._check_lifelines()
             self._check_schedulers()
 
     def _check_schedulers(self) -> None:
@@ -757,8 +904,11 @@ class SSHCluster(Cluster):
 
     def _pick_host(self) -> str:
         """The worker host with the most free cores for one more job (see place_job)."""
+        usable = [h for h in self.hosts if self._hosts[h].reached]  # not one whose dir is gone
+        if not usable:
+            raise ClusterError(f"no host is usable any more: {self.hosts} (see the log)")
         host = place_job(
-            self.hosts,
+            usable,
             {h: c for h, c in self.host_capacity.items() if c is not None},
             self._jobs_per_host(),
             cores_per_job=self.workers_per_job * self.threads_per_worker,
@@ -932,19 +1082,7 @@ class SSHCluster(Cluster):
     ) -> None:
         """TERM process groups on ``host``, KILL what is left after ``grace_s``, run ``then``."""
         ids = " ".join(str(int(p)) for p in pgids)
-        steps = max(1, int(grace_s / 0.1))
-        script = f"""
-pgids="{ids}"
-for p in $pgids; do kill -TERM -- -$p 2>/dev/null || true; done
-for _ in $(seq {steps}); do
-    alive=""
-    for p in $pgids; do kill -0 -- -$p 2>/dev/null && alive=1; done
-    [ -z "$alive" ] && break
-    sleep 0.1  # polling the groups until they are gone, with a deadline
-done
-for p in $pgids; do kill -KILL -- -$p 2>/dev/null || true; done
-{then}
-"""
+        script = kill_groups_script(ids, grace_s, then)
         self._ssh(host, script, f"cannot stop process groups [{ids}]", timeout=grace_s + 60)
 
     def _log_tail(self, record: JobRecord) -> str:
@@ -989,6 +1127,7 @@ for p in $pgids; do kill -KILL -- -$p 2>/dev/null || true; done
                 self.close_errors.append(msg)
 
         self._on_hosts(clean, [h for h, info in self._hosts.items() if info.reached])
+        self._end_lifelines()
         for host in self._hosts:  # stop the shared connections before their sockets go
             subprocess.run(
                 self._ssh_argv(host, "-O", "exit"),
