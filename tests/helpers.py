@@ -20,6 +20,28 @@ CI = REPO / "ci"
 T = TypeVar("T")
 
 
+MPICH_LEFTOVERS = ("/tmp/hydra_hwloc_xmlfile_*", "/dev/shm/mpich_shm_*")
+
+
+def remove_mpich_leftovers(since: float) -> list[Path]:
+    """Remove what MPICH left of this user's jobs started since ``since`` (epoch seconds).
+
+    Hydra writes its topology file to /tmp whatever TMPDIR says, and the ranks share memory
+    through files in /dev/shm; both stay when hydra is killed or aborts a job whose rank died.
+    Call once the job's processes are gone. Returns what was removed.
+    """
+    removed = []
+    for leftover in (p for pattern in MPICH_LEFTOVERS for p in Path("/").glob(pattern[1:])):
+        try:
+            st = leftover.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_mtime >= since - 1 and st.st_uid == os.getuid():
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
 class WaitTimeout(AssertionError):
     """A wait_until deadline passed."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_until
+from helpers import remove_mpich_leftovers, wait_until
 
 from jobqueue_ms.mpi import (
     Role,
@@ -188,6 +188,7 @@ def _launch(
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run ``cmd`` in its own session; kill the session on timeout; assert nothing is left."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    started = time.time()
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -210,6 +211,7 @@ def _launch(
         timeout=15,
         message=lambda: f"processes left after {cmd}: {_session_left(proc.pid)}",
     )
+    remove_mpich_leftovers(since=started)  # left when a rank's death aborts an MPICH job
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), elapsed
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 from click.testing import CliRunner
-from helpers import run, wait_until
+from helpers import remove_mpich_leftovers, run, wait_until
 
 from jobqueue_ms.batch.base import BatchCluster
 from jobqueue_ms.cli import main
@@ -579,11 +579,7 @@ def test_slurm_cancelled_job_ends_wait_with_exit_code_1(slurm, mpi, job_name, tm
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-        # MPICH's hydra, killed with the job, leaves its topology file in /tmp (whatever TMPDIR
-        # says); remove the ones this job made
-        for leftover in Path("/tmp").glob("hydra_hwloc_xmlfile_*"):
-            if leftover.stat().st_mtime >= t0 - 1 and leftover.stat().st_uid == os.getuid():
-                leftover.unlink(missing_ok=True)
+        remove_mpich_leftovers(since=t0)  # hydra, killed with the job, leaves them
     assert proc.returncode == 1, err
     job_id = out.splitlines()[0]
     assert err.splitlines()[-1] == (
