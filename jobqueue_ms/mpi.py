@@ -432,8 +432,7 @@ class _Node:
             self.watcher.join(5)  # it cancels its receive: no MPI call pending at finalize
         self.shutdown_local()
         self.remove_scheduler_file()
-        _arm_exit_watchdog(self.exit_code)
-        _finalize()
+        _finalize(self.exit_code)
         return self.exit_code
 
     def write_scheduler_file(self) -> None:
@@ -547,8 +546,7 @@ def _finish_client(node: _Node, code: int) -> None:
         _client = None
     node.stop_all(code)
     node.shutdown_local()
-    _arm_exit_watchdog(code)
-    _finalize()
+    _finalize(code)
 
 
 def _libmpi() -> Any:
@@ -557,27 +555,27 @@ def _libmpi() -> Any:
 
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/libmpi.so" in line}
+            paths = {line.split()[-1] for line in f}
     except OSError:
         return None
-    for path in sorted(paths):
-        if os.path.basename(path).startswith("libmpi.so"):
-            with contextlib.suppress(OSError):
-                return ctypes.CDLL(path)
+    for path in sorted(p for p in paths if os.path.basename(p).startswith("libmpi.so")):
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(path)
     return None
 
 
-def _finalize() -> None:
-    """MPI_Finalize now, without holding the GIL, so the exit watchdog can still fire.
+def _finalize(code: int) -> None:
+    """Arm the exit watchdog (leave with ``code``), then MPI_Finalize without holding the GIL.
 
     mpi4py finalizes at interpreter exit, after Python is torn down, and holds the GIL during
     MPI_Finalize: when that never returns (Open MPI fencing with a rank that died, seen about
     once in three runs of test_mpi.py), no Python thread runs again and the rank hangs for good.
-    Called through ctypes the library runs without the GIL, and the watchdog armed before
-    leaves with the rank's exit code. mpi4py then sees MPI finalized and does nothing.
+    Called through ctypes the library runs without the GIL, so the watchdog can fire. mpi4py
+    then sees MPI finalized and does nothing.
     """
     from mpi4py import MPI
 
+    _arm_exit_watchdog(code)
     if not MPI.Is_initialized() or MPI.Is_finalized():
         return
     lib = _libmpi()
