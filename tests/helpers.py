@@ -20,7 +20,7 @@ CI = REPO / "ci"
 T = TypeVar("T")
 
 
-MPICH_LEFTOVERS = ("/tmp/hydra_hwloc_xmlfile_*", "/dev/shm/mpich_shm_*")
+MPICH_LEFTOVERS = ((Path("/tmp"), "hydra_hwloc_xmlfile_*"), (Path("/dev/shm"), "mpich_shm_*"))
 
 
 def remove_mpich_leftovers(since: float) -> list[Path]:
@@ -31,7 +31,7 @@ def remove_mpich_leftovers(since: float) -> list[Path]:
     Call once the job's processes are gone. Returns what was removed.
     """
     removed = []
-    for leftover in (p for pattern in MPICH_LEFTOVERS for p in Path("/").glob(pattern[1:])):
+    for leftover in (p for where, pattern in MPICH_LEFTOVERS for p in where.glob(pattern)):
         try:
             st = leftover.stat()
         except FileNotFoundError:

@@ -651,9 +651,11 @@ class SSHCluster(Cluster):
 
     def _check_lifelines(self) -> None:
         """Reopen a lifeline that ended while we live (a dropped connection); say so once."""
+        if self._closed:
+            return
         for host, line in list(self._lifelines.items()):
             code = line.proc.poll()
-            if code is None or self._closed:
+            if code is None:
                 continue
             if code == LIFELINE_GONE:
                 log.error(
