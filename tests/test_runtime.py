@@ -118,6 +118,67 @@ def test_a_sequential_caller_costs_the_scheduler_two_messages_per_task() -> None
         wait_until(lambda: client.scheduler_info()[0]["tasks_total"] == 0, timeout=10)
 
 
+def nap(path: str, tag: str, delay: float) -> str:
+    """Sleep; a run with a delay notes its start and end in the file."""
+    if delay:
+        with open(path, "a") as f:
+            f.write(f"start {tag} {time.time()}\n")
+        time.sleep(delay)
+        with open(path, "a") as f:
+            f.write(f"end {tag} {time.time()}\n")
+    return tag
+
+
+def now() -> float:
+    return time.time()
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_tiny_tasks_run_inline_and_a_long_one_there_does_not_stall_the_worker(
+    nthreads: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sequential caller's tiny tasks skip the executor hand-off; one that runs long anyway
+    (longer than the heartbeat timeout) is taken off the I/O loop: the worker stays registered,
+    the task runs once, never more than nthreads tasks run, and the function is not inlined again.
+    """
+    # generous, so a loaded machine does not make the warm-up runs count as slow
+    monkeypatch.setenv("JOBQUEUE_MS_INLINE_MAX_S", "0.05")
+    path = str(tmp_path / "runs")
+    with LocalCluster(n_schedulers=1, n_workers=1, threads_per_worker=nthreads) as cluster:
+        cluster.wait_for_workers(1, timeout=30)
+        with Client(cluster) as client:
+
+            def status() -> dict:
+                return client.scheduler_info()[0]["workers"][0]
+
+            def executed() -> int:
+                return sum(status()["executed"].values())
+
+            for _ in range(3 + 5):  # three to be known as fast, then five inline
+                assert client.submit(nap, path, "tiny", 0).result(timeout=30) == "tiny"
+            wait_until(lambda: status()["inline"]["runs"] == 5, timeout=10)
+            worker_pid = status()["pid"]
+
+            long = client.submit(nap, path, "long", 3.5)  # the heartbeat timeout here is 3 s
+            wait_until(lambda: os.path.exists(path), timeout=10)
+            other = client.submit(now)
+            if nthreads == 2:  # the free thread runs it while the long task holds the other
+                other.result(timeout=3)
+                assert not long.done()
+            assert long.result(timeout=30) == "long"
+            lines = Path(path).read_text().split()
+            assert lines[0::3] == ["start", "end"]  # it ran once: the worker was never dropped
+            if nthreads == 1:  # the only thread was taken: it waited
+                assert other.result(timeout=30) >= float(lines[5])
+            wait_until(lambda: status()["inline"]["relieved"] == 1, timeout=10)
+            assert status()["pid"] == worker_pid
+            assert 0 < status()["peak_running"] <= nthreads
+
+            assert client.submit(nap, path, "tiny", 0).result(timeout=30) == "tiny"
+            wait_until(lambda: executed() == 8 + 3, timeout=10)  # reported with heartbeats
+            assert status()["inline"]["runs"] == 6  # the long run was the sixth; none since
+
+
 def test_map_timeout_raises_and_cancels_what_is_left(client: Client) -> None:
     it = client.map(slow_identity, [1, 2], [5.0, 5.0], timeout=0.2)
     with pytest.raises(cf.TimeoutError):

@@ -1354,6 +1354,7 @@ class Scheduler:
                     "peak_running": st.get("peak_running", 0),
                     "dropped_frames": st.get("dropped_frames", 0),
                     "executed": st.get("executed", {}),
+                    "inline": st.get("inline", {"runs": 0, "relieved": 0}),
                 }
             )
         return {

@@ -8,6 +8,15 @@ Sharing: free slots go first to schedulers that say they have ready work, the on
 least worker time recently first (decayed busy-seconds), so two saturated schedulers get equal
 shares. An idle worker *parks* single slots at idle schedulers so a new task starts without a
 round trip; a parked slot is revoked when another scheduler has work.
+
+Tiny tasks run on the I/O thread. Handing a task to an executor thread and its result back costs
+two thread wake-ups, which for a sub-millisecond task is most of the worker's share of a round
+trip. So a task whose function's last ``INLINE_AFTER_RUNS`` runs each took under
+``inline_max_s`` (0.5 ms by default), arriving at a worker with nothing else queued or running,
+runs on the I/O thread itself. Should it run long after all, a standby thread takes the I/O loop
+over after ``RELIEF_AFTER_S`` (heartbeats, leases and the data port go on), one executor thread
+waits until the task ends (so never more than ``nthreads`` tasks run at once), and a function
+that once ran that long never runs inline again.
 """
 
 from __future__ import annotations
@@ -42,6 +51,10 @@ EXIT_FATAL = 3  # misconfiguration (e.g. version mismatch): do not restart
 PREFETCH_WINDOW_S = 0.002  # queue at most this much work per thread beyond the running tasks
 MAX_PREFETCH_PER_THREAD = 256
 USAGE_HALF_LIFE_S = 2.0
+INLINE_MAX_S = 0.0005  # default: a function that ran faster than this every time so far ...
+INLINE_AFTER_RUNS = 3  # ... this many times, may run on the I/O thread (see the module's text)
+RELIEF_AFTER_S = 0.05  # an inline run longer than this hands the I/O loop to the standby thread
+_IDLE, _RUNNING, _RELIEVED = range(3)  # the inline run's state
 
 
 class _SchedulerLink:
@@ -83,12 +96,23 @@ class _SchedulerLink:
 class _Item:
     """A task inside the worker."""
 
-    __slots__ = ("link", "key", "func", "payload", "deps", "resources", "waiting", "values")
+    __slots__ = (
+        "link",
+        "key",
+        "fhash",
+        "func",
+        "payload",
+        "deps",
+        "resources",
+        "waiting",
+        "values",
+    )
 
     def __init__(
         self,
         link: _SchedulerLink,
         key: int,
+        fhash: bytes,
         func: Any,
         payload: bytes,
         deps: Any,
@@ -96,6 +120,7 @@ class _Item:
     ) -> None:
         self.link = link
         self.key = key
+        self.fhash = fhash
         self.func = func
         self.payload = payload
         self.deps = deps
@@ -145,6 +170,10 @@ class Worker:
     scheduler_lost_timeout:
         Seconds without any registered scheduler after which the worker leaves (exit code 0: a
         batch job then ends instead of burning its allocation). None: wait for them forever.
+    inline_max_s:
+        A function whose last three runs each took less than this (seconds) may run on the
+        I/O thread, saving two thread hand-offs per task (see the module's text). 0: never.
+        None: ``$JOBQUEUE_MS_INLINE_MAX_S``, else 0.0005.
     """
 
     def __init__(
@@ -164,6 +193,7 @@ class Worker:
         security: Security | str | None = None,
         parent_pid: int | None = None,
         scheduler_lost_timeout: float | None = None,
+        inline_max_s: float | None = None,
     ) -> None:
         from ..units import parse_memory
 
@@ -195,13 +225,25 @@ class Worker:
         if scheduler_lost_timeout is not None and not scheduler_lost_timeout > 0:
             raise ValueError(f"scheduler_lost_timeout={scheduler_lost_timeout!r} must be > 0 s")
         self.scheduler_lost_timeout = scheduler_lost_timeout
+        if inline_max_s is None:
+            raw = os.environ.get("JOBQUEUE_MS_INLINE_MAX_S", str(INLINE_MAX_S))
+            try:
+                inline_max_s = float(raw)
+            except ValueError:
+                raise ValueError(
+                    f"JOBQUEUE_MS_INLINE_MAX_S={raw!r} must be a number of seconds (0: off)"
+                ) from None
+        if not inline_max_s >= 0:
+            raise ValueError(f"inline_max_s={inline_max_s!r} must be >= 0 seconds (0: off)")
+        self.inline_max_s = inline_max_s
         self._last_served = time.monotonic()  # when some scheduler was last registered
         self.exit_code = EXIT_OK
         self.data_address = ""
         self.store: dict[tuple[str, int], Any] = {}
         self.store_nbytes: dict[tuple[str, int], int] = {}
         self._links: list[_SchedulerLink] = []
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        # items to run; None stops an executor thread, an Event holds one until it is set
+        self._queue: queue.SimpleQueue[_Item | threading.Event | None] = queue.SimpleQueue()
         self._results: deque[tuple[Any, ...]] = deque()
         self._started: deque[tuple[_SchedulerLink, int]] = deque()
         self._queued = 0  # in _queue or being fetched
@@ -211,6 +253,22 @@ class Worker:
         self._executed: dict[str, int] = {}
         self._res_used: dict[str, float] = {}
         self._duration = 0.0  # EWMA of task durations; 0 = unknown
+        # Inline runs (see the module's text). Only the I/O thread touches _inline, _deferred
+        # and _fast; _inline_state and _relief change under _inline_lock, which is also what
+        # hands the sockets from one I/O thread to the other.
+        self._fast: dict[bytes, int] = {}  # fast runs in a row, per function; -1: never inline
+        self._inline: _Item | None = None  # chosen to run inline once the socket is drained
+        self._deferred: list[_Item] = []  # arrived while it was chosen: queued after it
+        self._inline_lock = threading.Lock()
+        self._inline_state = _IDLE
+        self._inline_since = 0.0
+        self._relief: threading.Event | None = None  # holds one executor while relieved
+        self._standby_thread: threading.Thread | None = None
+        self._finished = threading.Event()  # the I/O loop has ended
+        self._loop_error: BaseException | None = None
+        self._next_tick = 0.0
+        self._inline_runs = 0
+        self._reliefs = 0
         self._funcs: dict[bytes, Any] = {}
         self._fetching: dict[int, tuple[Any, list[_Item], list[tuple[str, int]], float]] = {}
         self._peers: dict[str, zmq.Socket[Any]] = {}
@@ -277,8 +335,21 @@ class Worker:
             self._proc = psutil.Process()
         except ImportError:  # pragma: no cover
             self._proc = None
+        self._tick(time.monotonic())  # say hello before the first wait
+        self._next_tick = time.monotonic() + self.heartbeat_interval_s
+        io_thread = threading.Thread(target=self._serve, args=(False,), name="jqms-io", daemon=True)
         try:
-            self._loop()
+            # The I/O loop runs on its own thread: one stuck in a long inline task must not keep
+            # this one (signals, and the return of run()) waiting.
+            io_thread.start()
+            try:
+                self._finished.wait()
+            except BaseException:  # Ctrl-C in a worker run in the foreground: leave properly
+                self.stop()
+                self._finished.wait(5)
+                raise
+            if self._loop_error is not None:
+                raise self._loop_error
         finally:
             for _ in threads:
                 self._queue.put(None)
@@ -307,14 +378,28 @@ class Worker:
             self._retire_deadline = time.monotonic() + max(60.0, 3 * self.heartbeat_timeout_s)
 
     # ------------------------------------------------------------------ I/O loop
-    def _loop(self) -> None:
-        """Receive messages, collect results, rebalance leases, send; check timers."""
+    def _serve(self, standing_by: bool) -> None:
+        """An I/O thread: run the I/O loop, or stand by to take it over from an inline run."""
+        try:
+            while not standing_by or self._standby():
+                if not self._loop():
+                    return  # the worker is finished
+                standing_by = True  # relieved during an inline run: the other thread has it
+        except BaseException as exc:  # pragma: no cover - a bug; run() re-raises it
+            self._loop_error = exc
+        finally:
+            self._finished.set()
+
+    def _loop(self) -> bool:
+        """Receive messages, collect results, rebalance leases, send; check timers.
+
+        Return False when the worker is finished, True when this thread gave the loop up (an
+        inline task ran long and the standby thread took over).
+        """
         poll = self._poller.poll
         interval_ms = int(self.heartbeat_interval_s * 1000)
-        self._tick(time.monotonic())  # say hello before the first wait
-        next_tick = time.monotonic() + self.heartbeat_interval_s
         while not self._stop:
-            wait_ms = min(interval_ms, int((next_tick - time.monotonic()) * 1000) + 1)
+            wait_ms = min(interval_ms, int((self._next_tick - time.monotonic()) * 1000) + 1)
             events = poll(timeout=max(0, wait_ms) if not self._results else 0)
             for sock, _ in events:
                 if sock == self._wakeup.fd:
@@ -324,16 +409,19 @@ class Worker:
                     self._on_monitor(self._monitor_link[sock])
                     continue
                 self._drain_socket(sock)
+            if self._inline is not None and not self._run_inline():
+                return True
             self._collect()
             self._rebalance()
             self._flush()
             now = time.monotonic()
-            if now >= next_tick:
+            if now >= self._next_tick:
                 self._tick(now)
                 connecting = any(lk.state != "ready" for lk in self._links)
-                next_tick = now + (0.05 if connecting else self.heartbeat_interval_s)
+                self._next_tick = now + (0.05 if connecting else self.heartbeat_interval_s)
             if self._retiring and self._retire_step(now):
                 break
+        return False
 
     def _drain_socket(self, sock: Any) -> None:
         """Handle every message waiting on one socket."""
@@ -692,13 +780,22 @@ class Worker:
                     link.lease_resources[name] = link.lease_resources.get(name, 0) - amount
                     self._res_used[name] = self._res_used.get(name, 0) + amount
             func = funcs.get(fhash)
-            item = _Item(link, key, func, payload, deps, resources)
+            item = _Item(link, key, fhash, func, payload, deps, resources)
             link.inflight.add(key)
             self._queued += 1
             if deps:
                 self._resolve_inputs(item, sid)
                 if item.waiting:
                     continue
+            self._enqueue(item)
+
+    def _enqueue(self, item: _Item) -> None:
+        """Queue a task for the executor threads, or choose it to run inline (I/O thread)."""
+        if self._inline is not None:
+            self._deferred.append(item)  # queued once the inline run has begun... and ended
+        elif self._queued == 1 and self._fast.get(item.fhash, 0) >= INLINE_AFTER_RUNS:
+            self._inline = item  # nothing else is queued, fetching or running here
+        else:
             self._queue.put(item)
 
     def _resolve_inputs(self, item: _Item, sid: str | None) -> None:
@@ -763,7 +860,7 @@ class Worker:
             item.values[ckey] = value
         item.waiting -= 1
         if item.waiting == 0:
-            self._queue.put(item)
+            self._enqueue(item)
 
     def _missing(self, item: _Item, dep_key: int) -> None:
         """An input is gone: hand the task back to its scheduler to recover the input."""
@@ -779,6 +876,65 @@ class Worker:
                 return lk
         return None
 
+    def _run_inline(self) -> bool:
+        """Run the chosen task on this (I/O) thread; False if the standby thread took over."""
+        item = self._inline
+        assert item is not None
+        self._inline = None
+        if self._standby_thread is None:
+            self._standby_thread = threading.Thread(
+                target=self._serve, args=(True,), name="jqms-io-standby", daemon=True
+            )
+            self._standby_thread.start()
+        link = item.link
+        if link.scheduler_id is None or item.key in link.dropped:
+            result: tuple[Any, ...] = (item, None, None, 0.0)
+            relieved = False
+        else:
+            self._started.append((link, item.key))  # reported if the run turns out long
+            self._inline_runs += 1
+            with self._inline_lock:
+                self._inline_state = _RUNNING
+                self._inline_since = time.perf_counter()
+            result = self._run_item(item)
+            with self._inline_lock:
+                relieved = self._inline_state == _RELIEVED
+                self._inline_state = _IDLE
+                relief, self._relief = self._relief, None
+        self._results.append(result)
+        if relieved:  # this thread no longer owns the sockets: hand over like an executor
+            assert relief is not None
+            relief.set()
+            self._wake()
+            return False
+        for d in self._deferred:
+            self._queue.put(d)
+        self._deferred.clear()
+        return True
+
+    def _standby(self) -> bool:
+        """Wait while inline runs are short; take the I/O loop over from a long one.
+
+        Return True once this thread owns the loop, False when the worker has finished.
+        """
+        while not self._finished.wait(RELIEF_AFTER_S):
+            with self._inline_lock:
+                if (
+                    self._inline_state != _RUNNING
+                    or time.perf_counter() - self._inline_since < RELIEF_AFTER_S
+                ):
+                    continue
+                self._inline_state = _RELIEVED
+                relief = self._relief = threading.Event()
+                self._reliefs += 1
+            log.debug("worker %s: a long inline task; the standby thread takes over", self.name)
+            self._queue.put(relief)  # first: one executor waits while the inline task runs
+            for d in self._deferred:
+                self._queue.put(d)
+            self._deferred.clear()
+            return True
+        return False
+
     def _execute_loop(self) -> None:
         """Executor thread: run tasks from the local queue, one at a time."""
         get = self._queue.get
@@ -788,6 +944,10 @@ class Worker:
             item = get()
             if item is None:
                 return
+            if type(item) is threading.Event:  # a relieved inline task holds this slot
+                item.wait()
+                continue
+            assert isinstance(item, _Item)
             link = item.link
             if link.scheduler_id is None or item.key in link.dropped:  # gone or dropped
                 results.append((item, None, None, 0.0))
@@ -797,33 +957,36 @@ class Worker:
             if self._duration == 0 or self._duration > 0.001:
                 self._wake()
                 time.sleep(0)  # let the I/O thread report the start before user code runs
-            with self._active_lock:
-                self._active += 1
-                if self._active > self._peak_running:
-                    self._peak_running = self._active
-            t0 = time.perf_counter()
-            try:
-                func = item.func
-                if isinstance(func, _Unloadable):
-                    raise func.exc
-                if item.deps:
-                    values = {
-                        k: (v.load() if isinstance(v, _Inline) else v)
-                        for k, v in item.values.items()
-                    }
-                    args, kwargs = _ArgsUnpickler(item.payload, values).load()
-                else:
-                    args, kwargs = pickle.loads(item.payload)
-                value = func(*args, **kwargs)
-                status = D_INLINE
-            except BaseException as exc:  # noqa: BLE001 - reported to the client
-                value = exc
-                status = D_ERROR
-            duration = time.perf_counter() - t0
-            with self._active_lock:
-                self._active -= 1
-            results.append((item, status, value, duration))
+            results.append(self._run_item(item))
             self._wake()
+
+    def _run_item(self, item: _Item) -> tuple[_Item, int, Any, float]:
+        """Run one task (on an executor thread or inline): (item, status, value, seconds)."""
+        with self._active_lock:
+            self._active += 1
+            if self._active > self._peak_running:
+                self._peak_running = self._active
+        t0 = time.perf_counter()
+        try:
+            func = item.func
+            if isinstance(func, _Unloadable):
+                raise func.exc
+            if item.deps:
+                values = {
+                    k: (v.load() if isinstance(v, _Inline) else v) for k, v in item.values.items()
+                }
+                args, kwargs = _ArgsUnpickler(item.payload, values).load()
+            else:
+                args, kwargs = pickle.loads(item.payload)
+            value = func(*args, **kwargs)
+            status = D_INLINE
+        except BaseException as exc:  # noqa: BLE001 - reported to the client
+            value = exc
+            status = D_ERROR
+        duration = time.perf_counter() - t0
+        with self._active_lock:
+            self._active -= 1
+        return item, status, value, duration
 
     def _collect(self) -> None:
         """Turn finished tasks into DONE entries per scheduler (serializing results)."""
@@ -837,6 +1000,7 @@ class Worker:
         now = time.monotonic()
         self._last_busy = now
         limit = self.inline_result_limit
+        fast = self._fast
         while results:
             item, status, value, duration = results.popleft()
             self._queued -= 1
@@ -851,6 +1015,16 @@ class Worker:
                 self._duration = duration
             else:
                 self._duration = 0.9 * self._duration + 0.1 * duration
+            runs = fast.get(item.fhash, 0)
+            if duration >= RELIEF_AFTER_S:
+                fast[item.fhash] = -1  # once long, never inline
+            elif duration >= self.inline_max_s:
+                if runs > 0:  # slow (or preempted): needs a new series of fast runs
+                    fast[item.fhash] = 0
+            elif 0 <= runs < INLINE_AFTER_RUNS:
+                fast[item.fhash] = runs + 1
+                if len(fast) > 1024:
+                    del fast[next(iter(fast))]
             link.usage = link.decayed_usage(now) + duration
             sid = link.scheduler_id
             self._executed[sid] = self._executed.get(sid, 0) + 1
@@ -1035,6 +1209,7 @@ class Worker:
             "capacity": self._capacity(),
             "queued": self._queued,
             "active": self._active,
+            "inline": ("idle", "running", "relieved")[self._inline_state],
             "results": len(self._results),
             "paused": self._paused,
             "retiring": self._retiring,
@@ -1079,6 +1254,7 @@ class Worker:
             "dropped_frames": self._dropped_frames,
             "executed": dict(self._executed),
             "running": self._active,
+            "inline": {"runs": self._inline_runs, "relieved": self._reliefs},
         }
 
 
