@@ -51,10 +51,9 @@ EXIT_FATAL = 3  # misconfiguration (e.g. version mismatch): do not restart
 PREFETCH_WINDOW_S = 0.002  # queue at most this much work per thread beyond the running tasks
 MAX_PREFETCH_PER_THREAD = 256
 USAGE_HALF_LIFE_S = 2.0
-INLINE_MAX_S = 0.0005  # default: a function that ran faster than this every time so far ...
-INLINE_AFTER_RUNS = 3  # ... this many times, may run on the I/O thread (see the module's text)
+INLINE_MAX_S = 0.0005  # default: a function whose last runs each took less than this ...
+INLINE_AFTER_RUNS = 3  # ... this many of them, may run on the I/O thread (see the module's text)
 RELIEF_AFTER_S = 0.05  # an inline run longer than this hands the I/O loop to the standby thread
-_IDLE, _RUNNING, _RELIEVED = range(3)  # the inline run's state
 
 
 class _SchedulerLink:
@@ -254,15 +253,14 @@ class Worker:
         self._res_used: dict[str, float] = {}
         self._duration = 0.0  # EWMA of task durations; 0 = unknown
         # Inline runs (see the module's text). Only the I/O thread touches _inline, _deferred
-        # and _fast; _inline_state and _relief change under _inline_lock, which is also what
+        # and _fast; _inline_since and _relief change under _inline_lock, which is also what
         # hands the sockets from one I/O thread to the other.
         self._fast: dict[bytes, int] = {}  # fast runs in a row, per function; -1: never inline
         self._inline: _Item | None = None  # chosen to run inline once the socket is drained
         self._deferred: list[_Item] = []  # arrived while it was chosen: queued after it
         self._inline_lock = threading.Lock()
-        self._inline_state = _IDLE
-        self._inline_since = 0.0
-        self._relief: threading.Event | None = None  # holds one executor while relieved
+        self._inline_since = 0.0  # when the inline run began; 0: none is running
+        self._relief: threading.Event | None = None  # set by the standby: it has taken over
         self._standby_thread: threading.Thread | None = None
         self._finished = threading.Event()  # the I/O loop has ended
         self._loop_error: BaseException | None = None
@@ -886,31 +884,31 @@ class Worker:
                 target=self._serve, args=(True,), name="jqms-io-standby", daemon=True
             )
             self._standby_thread.start()
-        link = item.link
-        if link.scheduler_id is None or item.key in link.dropped:
+        relief = None
+        if self._gone(item):
             result: tuple[Any, ...] = (item, None, None, 0.0)
-            relieved = False
         else:
-            self._started.append((link, item.key))  # reported if the run turns out long
+            self._started.append((item.link, item.key))  # reported if the run turns out long
             self._inline_runs += 1
             with self._inline_lock:
-                self._inline_state = _RUNNING
                 self._inline_since = time.perf_counter()
             result = self._run_item(item)
             with self._inline_lock:
-                relieved = self._inline_state == _RELIEVED
-                self._inline_state = _IDLE
+                self._inline_since = 0.0
                 relief, self._relief = self._relief, None
         self._results.append(result)
-        if relieved:  # this thread no longer owns the sockets: hand over like an executor
-            assert relief is not None
+        if relief is not None:  # this thread no longer owns the sockets: hand over like an executor
             relief.set()
             self._wake()
             return False
-        for d in self._deferred:
-            self._queue.put(d)
-        self._deferred.clear()
+        self._queue_deferred()
         return True
+
+    def _queue_deferred(self) -> None:
+        """Queue what arrived while a task was chosen to run inline (I/O thread)."""
+        for item in self._deferred:
+            self._queue.put(item)
+        self._deferred.clear()
 
     def _standby(self) -> bool:
         """Wait while inline runs are short; take the I/O loop over from a long one.
@@ -919,19 +917,18 @@ class Worker:
         """
         while not self._finished.wait(RELIEF_AFTER_S):
             with self._inline_lock:
+                since = self._inline_since
                 if (
-                    self._inline_state != _RUNNING
-                    or time.perf_counter() - self._inline_since < RELIEF_AFTER_S
+                    not since
+                    or self._relief is not None
+                    or time.perf_counter() - since < RELIEF_AFTER_S
                 ):
                     continue
-                self._inline_state = _RELIEVED
                 relief = self._relief = threading.Event()
                 self._reliefs += 1
             log.debug("worker %s: a long inline task; the standby thread takes over", self.name)
             self._queue.put(relief)  # first: one executor waits while the inline task runs
-            for d in self._deferred:
-                self._queue.put(d)
-            self._deferred.clear()
+            self._queue_deferred()
             return True
         return False
 
@@ -948,17 +945,21 @@ class Worker:
                 item.wait()
                 continue
             assert isinstance(item, _Item)
-            link = item.link
-            if link.scheduler_id is None or item.key in link.dropped:  # gone or dropped
+            if self._gone(item):
                 results.append((item, None, None, 0.0))
                 self._wake()
                 continue
-            started.append((link, item.key))
+            started.append((item.link, item.key))
             if self._duration == 0 or self._duration > 0.001:
                 self._wake()
                 time.sleep(0)  # let the I/O thread report the start before user code runs
             results.append(self._run_item(item))
             self._wake()
+
+    @staticmethod
+    def _gone(item: _Item) -> bool:
+        """Its scheduler is gone, or dropped it: not to be run (reported with status None)."""
+        return item.link.scheduler_id is None or item.key in item.link.dropped
 
     def _run_item(self, item: _Item) -> tuple[_Item, int, Any, float]:
         """Run one task (on an executor thread or inline): (item, status, value, seconds)."""
@@ -1209,7 +1210,11 @@ class Worker:
             "capacity": self._capacity(),
             "queued": self._queued,
             "active": self._active,
-            "inline": ("idle", "running", "relieved")[self._inline_state],
+            "inline": (
+                "relieved"
+                if self._relief is not None
+                else ("running" if self._inline_since else "idle")
+            ),
             "results": len(self._results),
             "paused": self._paused,
             "retiring": self._retiring,
