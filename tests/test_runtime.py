@@ -225,6 +225,21 @@ def test_large_results_fetched_directly_and_intact(client: Client) -> None:
     assert [len(b) for b in blobs] == [1_000_000] * 5
 
 
+def test_a_client_asking_only_for_info_is_not_dropped_as_silent(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every request refreshes the client's send clock, so no heartbeat goes while it polls
+    ``scheduler_info``; the schedulers must count the requests as signs of life."""
+    end = time.monotonic() + 4.5  # past the 3 s heartbeat timeout of this module
+    polls = 0
+    while time.monotonic() < end:
+        assert len(client.scheduler_info()) == 2
+        polls += 1
+    assert polls > 20
+    assert client.submit(inc, 1).result(timeout=30) == 2
+    assert not [r for r in caplog.records if "lost" in r.getMessage()], caplog.text
+
+
 def test_remote_exception_keeps_type_and_remote_traceback(client: Client) -> None:
     def fail(x: int) -> None:
         raise KeyError(f"missing {x}")

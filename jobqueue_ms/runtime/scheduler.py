@@ -1322,6 +1322,9 @@ class Scheduler:
     # ------------------------------------------------------------------ admin
     def _on_info(self, ident: bytes, msg: Any, _: list[Any]) -> None:
         """Report state for the cluster, the adaptive policy and users."""
+        c = self.clients.get(ident)
+        if c is not None:  # a client asking often sends no heartbeats: this is one
+            c.last_seen = time.monotonic()
         self._send(ident, Kind.INFO, self.info())
 
     def info(self) -> dict[str, Any]:
