@@ -644,15 +644,30 @@ def jq_h(cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Throughput (bulk no-ops) and round trip with CurveZMQ on (the default) and off.
 
     Two rounds, alternating the order, each on its own fresh LocalCluster(1 scheduler, 2
-    workers x 1 thread); the better of the two rounds of each mode is kept.
+    workers x 1 thread); the better of the two rounds of each mode is kept. Large values go over
+    TCP here, as between hosts (``JOBQUEUE_MS_LOCAL_DATA=0``): on one host they take the
+    workers' private Unix sockets, unencrypted either way (runtime/localdata.py).
     """
+    n = cfg["h_tasks"]
+    out: dict[str, dict[str, float]] = {"curve": {}, "plaintext": {}}
+    saved = os.environ.get("JOBQUEUE_MS_LOCAL_DATA")
+    os.environ["JOBQUEUE_MS_LOCAL_DATA"] = "0"  # for the cluster's processes and our client
+    try:
+        _h_rounds(cfg, n, out)
+    finally:
+        if saved is None:
+            os.environ.pop("JOBQUEUE_MS_LOCAL_DATA", None)
+        else:
+            os.environ["JOBQUEUE_MS_LOCAL_DATA"] = saved
+    return out
+
+
+def _h_rounds(cfg: dict[str, Any], n: int, out: dict[str, dict[str, float]]) -> None:
     import concurrent.futures as cf
 
     from jobqueue_ms import Client, LocalCluster
     from jobqueue_ms.runtime.security import Security
 
-    n = cfg["h_tasks"]
-    out: dict[str, dict[str, float]] = {"curve": {}, "plaintext": {}}
     for mode in ("curve", "plaintext", "plaintext", "curve"):
         security = Security.insecure_plaintext() if mode == "plaintext" else None
         with LocalCluster(n_schedulers=1, n_workers=2, security=security) as cluster:
@@ -686,7 +701,6 @@ def jq_h(cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
         best["rtt_ms"] = min(best.get("rtt_ms", float("inf")), rtt)
         if gather is not None:
             best["gather_mb_s"] = max(best.get("gather_mb_s", 0.0), gather)
-    return out
 
 
 # ---------------------------------------------------------------------- main
@@ -821,7 +835,11 @@ def main(argv: list[str] | None = None) -> int:
             print("== g: 1 vs 2 schedulers sharing 2 workers (jobqueue-ms)", flush=True)
             jq["g"] = guarded(res, "g", "jobqueue-ms", cfg["timeout"] * 3, lambda: jq_g(cfg))
         if "h" in only:
-            print("== h: CurveZMQ on (the default) vs plaintext (jobqueue-ms)", flush=True)
+            print(
+                "== h: CurveZMQ on (the default) vs plaintext (jobqueue-ms; large values over "
+                "TCP, as between hosts)",
+                flush=True,
+            )
             jq["h"] = guarded(res, "h", "jobqueue-ms", cfg["timeout"] * 4, lambda: jq_h(cfg))
     finally:
         PROCS.stop_all()
@@ -985,7 +1003,10 @@ def main(argv: list[str] | None = None) -> int:
     h = jq.get("h")
     if isinstance(h, dict):
         on, off = h["curve"], h["plaintext"]
-        print("h: what encryption costs (jobqueue-ms; best of 2 rounds each, alternated)")
+        print(
+            "h: what encryption costs (jobqueue-ms; best of 2 rounds each, alternated; large "
+            "values over TCP, as between hosts: JOBQUEUE_MS_LOCAL_DATA=0)"
+        )
         print()
         print("| sec | figure | unit | CurveZMQ (default) | plaintext | CURVE / plaintext |")
         print("|---|---|---|---:|---:|---:|")

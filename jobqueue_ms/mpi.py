@@ -318,8 +318,10 @@ class _Node:
             self.watcher.start()
 
     def _start_worker(self) -> None:
+        from .deploy.leftovers import sweep
         from .runtime.worker import Worker
 
+        sweep()  # what SIGKILLed ranks of earlier jobs left here (their same-host socket dirs)
         self.worker = Worker(
             self.addresses,
             nthreads=self.opts.threads_per_worker,
@@ -432,6 +434,10 @@ class _Node:
             self.watcher.join(5)  # it cancels its receive: no MPI call pending at finalize
         self.shutdown_local()
         self.remove_scheduler_file()
+        if self.role.runs_worker:
+            from .deploy.leftovers import sweep
+
+            sweep()  # a peer rank SIGKILLed on this host left its socket directory
         _finalize(self.exit_code)
         return self.exit_code
 

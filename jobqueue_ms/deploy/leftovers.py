@@ -1,4 +1,4 @@
-"""What a killed cluster leaves behind, and removing it.
+"""What a killed cluster (or worker) leaves behind, and removing it.
 
 ``close()`` (or interpreter exit) removes a cluster's temporary directory and its key file. A
 process killed outright (SIGKILL, the OOM killer) cannot: its processes stop by themselves
@@ -8,6 +8,8 @@ for a LocalCluster, the key file -- and a batch cluster's key file under the key
 So each cluster marks its own directory with ``owner.json`` (pid, the process's start time, the
 key file it made), and every new cluster first removes the directories, and their key files, of
 clusters of this user whose process is gone. The start time tells a reused pid from the owner.
+A worker's same-host socket directory (runtime/localdata.py) is marked the same way by the nanny
+(or the worker) that made it.
 """
 
 from __future__ import annotations

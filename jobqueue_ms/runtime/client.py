@@ -28,7 +28,7 @@ from typing import Any
 import cloudpickle
 import zmq
 
-from . import protocol
+from . import localdata, protocol
 from .errors import (
     CommError,
     JobqueueError,
@@ -677,9 +677,11 @@ class Client(cf.Executor):
 
     # ------------------------------------------------------------------ fetching large results
     def _socket_for(self, address: str) -> Any:
+        """This thread's socket to a worker's data port (sockets are not shared by threads)."""
         socks = getattr(self._local, "socks", None)
         if socks is None:
             socks = self._local.socks = {}
+            self._local.settled = set()  # on a same-host socket, or TCP after a refused offer
         s = socks.get(address)
         if s is None:
             s = self.security.socket(self._ctx, zmq.DEALER, server=False)
@@ -687,14 +689,30 @@ class Client(cf.Executor):
             socks[address] = s
         return s
 
+    def _redirect(self, address: str, sock: Any, local: Any) -> Any:
+        """The worker at ``address`` is on this host: use its Unix socket if it is private."""
+        if not localdata.trusted(local):
+            log.warning("worker %s offered %r, not a private socket of ours: TCP", address, local)
+            self._local.settled.add(sock)
+            return sock
+        near = localdata.connect(self._ctx, local, self.security.max_message_bytes)
+        sock.close(linger=0)  # nothing else is in flight on it: fetches are synchronous
+        self._local.socks[address] = near
+        self._local.settled.add(near)
+        return near
+
     def _fetch_many(self, remote: dict[str, list[tuple[Future, _Remote]]]) -> None:
         """Fetch remote results, one GET per worker, all in flight at once."""
         from .worker import _decode_values
 
+        host = localdata.host_token() if localdata.enabled() else ""
         pending = {}
         for address, pairs in remote.items():
             s = self._socket_for(address)
-            s.send_multipart(pack(Kind.GET, {"req": 0, "keys": [list(r.skey) for _, r in pairs]}))
+            get = {"req": 0, "keys": [list(r.skey) for _, r in pairs]}
+            if host and s not in self._local.settled:
+                get["host"] = host  # a worker on this host redirects us to its Unix socket
+            s.send_multipart(pack(Kind.GET, get))
             pending[s] = (address, pairs)
         poller = zmq.Poller()
         for s in pending:
@@ -706,6 +724,13 @@ class Client(cf.Executor):
                 msg = loads_control(frames[1].buffer)
                 address, pairs = pending.pop(s)
                 poller.unregister(s)
+                if "local" in msg:  # same host: ask again on its socket (runtime/localdata.py)
+                    s = self._redirect(address, s, msg["local"])
+                    keys = [list(r.skey) for _, r in pairs]
+                    s.send_multipart(pack(Kind.GET, {"req": 0, "keys": keys}))
+                    pending[s] = (address, pairs)
+                    poller.register(s, zmq.POLLIN)
+                    continue
                 for (f, r), v in zip(pairs, _decode_values(msg["items"], frames[2:]), strict=False):
                     if v is not _worker_missing():
                         with f._condition:

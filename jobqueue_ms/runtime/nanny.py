@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+from . import localdata
+
 log = logging.getLogger("jobqueue_ms.nanny")
 
 KILL_FRACTION = 0.95  # of the memory limit: the child is killed and restarted
@@ -63,37 +65,44 @@ def run_worker(
         worker_kwargs["lifetime_end"] = time.time() + worker_kwargs.pop("lifetime")
     restarts: list[float] = []
     nanny_pid = os.getpid()
-    while True:
-        child = os.fork()
-        if child == 0:  # the worker
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 1
-            try:
-                worker = Worker(**worker_kwargs, parent_pid=nanny_pid)
-                _stop_on_signals(worker)
-                code = worker.run()
-            except BaseException as exc:  # noqa: BLE001
-                print(f"jobqueue-ms worker: {type(exc).__name__}: {exc}", file=sys.stderr)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        code, orphaned = _watch(child, limit, parent_pid)
-        child = 0
-        stopping = stopping or orphaned
-        if stopping or code in (EXIT_OK, EXIT_FATAL):
-            return EXIT_OK if stopping else code
-        now = time.monotonic()
-        restarts = [t for t in restarts if now - t < RAPID_WINDOW_S] + [now]
-        if len(restarts) > MAX_RAPID_RESTARTS:
-            print(
-                f"jobqueue-ms nanny: worker died {len(restarts)} times in {RAPID_WINDOW_S:.0f} s "
-                f"(last exit code {code}); giving up",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"jobqueue-ms nanny: worker exited with code {code}; restarting", file=sys.stderr)
+    # The same-host data socket's private directory outlives a SIGKILLed worker: the nanny owns it.
+    local_dir = localdata.make_dir()
+    worker_kwargs = {**worker_kwargs, "local_data_dir": local_dir or ""}
+    try:
+        while True:
+            child = os.fork()
+            if child == 0:  # the worker
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                code = 1
+                try:
+                    worker = Worker(**worker_kwargs, parent_pid=nanny_pid)
+                    _stop_on_signals(worker)
+                    code = worker.run()
+                except BaseException as exc:  # noqa: BLE001
+                    print(f"jobqueue-ms worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            code, orphaned = _watch(child, limit, parent_pid)
+            child = 0
+            stopping = stopping or orphaned
+            if stopping or code in (EXIT_OK, EXIT_FATAL):
+                return EXIT_OK if stopping else code
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RAPID_WINDOW_S] + [now]
+            if len(restarts) > MAX_RAPID_RESTARTS:
+                print(
+                    f"jobqueue-ms nanny: worker died {len(restarts)} times in "
+                    f"{RAPID_WINDOW_S:.0f} s (last exit code {code}); giving up",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"jobqueue-ms nanny: worker exited with code {code}; restarting", file=sys.stderr)
+
+    finally:
+        localdata.remove_dir(local_dir)
 
 
 def _watch(pid: int, limit: int | None, parent_pid: int | None = None) -> tuple[int, bool]:

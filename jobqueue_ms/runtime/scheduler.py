@@ -1358,6 +1358,9 @@ class Scheduler:
                     "dropped_frames": st.get("dropped_frames", 0),
                     "executed": st.get("executed", {}),
                     "inline": st.get("inline", {"runs": 0, "relieved": 0}),
+                    # GETs its data port answered: over TCP, on its same-host socket, redirected
+                    "data_served": st.get("data_served", {"tcp": 0, "local": 0, "redirected": 0}),
+                    "local_address": st.get("local_address", ""),
                 }
             )
         return {

@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import protocol
+from . import localdata, protocol
 from .protocol import Kind, ProtocolError, dumps_user, loads_control, pack, send_nowait
 from .security import Guard, Security, describe_handshake_failure, watch_handshakes
 from .wakeup import Wakeup
@@ -173,6 +173,10 @@ class Worker:
         A function whose last three runs each took less than this (seconds) may run on the
         I/O thread, saving two thread hand-offs per task (see the module's text). 0: never.
         None: ``$JOBQUEUE_MS_INLINE_MAX_S``, else 0.0005.
+    local_data_dir:
+        A private directory (0700) for the same-host data socket (see
+        :mod:`~jobqueue_ms.runtime.localdata`); the nanny passes one and removes it when it ends.
+        None: the worker makes its own (and removes it); "": no same-host socket.
     """
 
     def __init__(
@@ -193,6 +197,7 @@ class Worker:
         parent_pid: int | None = None,
         scheduler_lost_timeout: float | None = None,
         inline_max_s: float | None = None,
+        local_data_dir: str | None = None,
     ) -> None:
         from ..units import parse_memory
 
@@ -238,6 +243,11 @@ class Worker:
         self._last_served = time.monotonic()  # when some scheduler was last registered
         self.exit_code = EXIT_OK
         self.data_address = ""
+        self.local_address = ""  # the same-host data socket (ipc://...), if any
+        self._local_dir = local_data_dir
+        self._own_local_dir = False
+        self._local_sock: zmq.Socket[Any] | None = None
+        self._served = {"tcp": 0, "local": 0, "redirected": 0}  # GETs answered, by way
         self.store: dict[tuple[str, int], Any] = {}
         self.store_nbytes: dict[tuple[str, int], int] = {}
         self._links: list[_SchedulerLink] = []
@@ -269,7 +279,9 @@ class Worker:
         self._reliefs = 0
         self._funcs: dict[bytes, Any] = {}
         self._fetching: dict[int, tuple[Any, list[_Item], list[tuple[str, int]], float]] = {}
-        self._peers: dict[str, zmq.Socket[Any]] = {}
+        self._peers: dict[str, zmq.Socket[Any]] = {}  # data address -> the socket we use now
+        self._peer_address: dict[Any, str] = {}  # every peer socket opened -> its data address
+        self._settled: set[Any] = set()  # on a same-host socket, or TCP after a refused offer
         self._req = itertools.count(1)
         self._stop = False
         self._retiring = False
@@ -306,6 +318,7 @@ class Worker:
         self._poller = zmq.Poller()
         self._poller.register(self._data, zmq.POLLIN)
         self._poller.register(self._wakeup.fd, zmq.POLLIN)
+        self._listen_locally()
         self._sock_link: dict[Any, _SchedulerLink] = {}
         self._monitor_link: dict[Any, _SchedulerLink] = {}
         for i, address in enumerate(self.scheduler_addresses):
@@ -357,11 +370,42 @@ class Worker:
             for lk in self._links:
                 lk.sock.disable_monitor()
                 lk.monitor.close(linger=0)
-            for s in [*self._peers.values(), *(lk.sock for lk in self._links), self._data]:
+            for s in [*self._peer_address, *(lk.sock for lk in self._links), self._data]:
                 s.close(linger=100)
+            self._close_local()
             self._ctx.term()
             self._wakeup.close()
         return self.exit_code
+
+    def _listen_locally(self) -> None:
+        """Open the same-host data socket (runtime/localdata.py), unless it is turned off."""
+        if self._local_dir == "" or not localdata.enabled():
+            return
+        if self._local_dir is None:
+            self._local_dir = localdata.make_dir()
+            self._own_local_dir = self._local_dir is not None
+        if not self._local_dir:
+            return
+        try:
+            self._local_sock = localdata.listen(
+                self._ctx, self._local_dir, self.security.max_message_bytes
+            )
+        except (OSError, zmq.ZMQError) as exc:
+            log.warning("no same-host data socket in %s (%s); TCP only", self._local_dir, exc)
+            return
+        self.local_address = localdata.endpoint(self._local_dir)
+        self._poller.register(self._local_sock, zmq.POLLIN)
+
+    def _close_local(self) -> None:
+        if self._local_sock is not None:
+            self._local_sock.close(linger=0)
+        if self._own_local_dir:
+            localdata.remove_dir(self._local_dir)
+        elif self.local_address:  # the nanny's directory: it removes that, we our socket
+            try:
+                os.unlink(self.local_address[len("ipc://") :])
+            except OSError:
+                pass
 
     def stop(self) -> None:
         """Stop at once (tasks in flight are recovered by the schedulers)."""
@@ -429,8 +473,8 @@ class Worker:
             except zmq.Again:
                 return
             try:
-                if sock is self._data:
-                    self._on_data_request(frames)
+                if sock is self._data or sock is self._local_sock:
+                    self._on_data_request(sock, frames)
                     continue
                 link = self._sock_link.get(sock)
                 if link is None:
@@ -826,15 +870,43 @@ class Worker:
         if sock is None:
             sock = self.security.socket(self._ctx, zmq.DEALER, server=False)
             sock.connect(address)
-            self._peers[address] = sock
-            self._poller.register(sock, zmq.POLLIN)
+            self._add_peer(address, sock)
         req = next(self._req)
         self._fetching[req] = (item, [item] if item else [], wanted, time.monotonic())
-        sock.send_multipart(pack(Kind.GET, {"req": req, "keys": [list(k) for _, k in wanted]}))
+        get = {"req": req, "keys": [list(k) for _, k in wanted]}
+        if localdata.enabled() and sock not in self._settled:
+            get["host"] = localdata.host_token()  # a peer on this host redirects us
+        sock.send_multipart(pack(Kind.GET, get))
+
+    def _add_peer(self, address: str, sock: zmq.Socket[Any]) -> None:
+        self._peers[address] = sock
+        self._peer_address[sock] = address
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _on_redirect(self, sock: Any, req: int, local: Any) -> None:
+        """A peer on this host named its same-host socket: ask again there (if it is safe)."""
+        entry = self._fetching.get(req)
+        address = self._peer_address.get(sock)
+        if entry is None or address is None:
+            return
+        if localdata.trusted(local):
+            if self._peers.get(address, sock) is sock:  # not redirected by an earlier answer
+                near = localdata.connect(self._ctx, local, self.security.max_message_bytes)
+                self._settled.add(near)
+                self._add_peer(address, near)
+            target = self._peers[address]
+        else:  # not ours, or not private: take the values over TCP after all
+            log.warning("peer %s offered %r, not a private socket of ours: TCP", address, local)
+            self._settled.add(sock)
+            target = sock
+        target.send_multipart(pack(Kind.GET, {"req": req, "keys": [list(k) for _, k in entry[2]]}))
 
     def _on_peer_data(self, sock: Any, frames: list[Any]) -> None:
         """A peer answered a GET: store the values, then queue the tasks that waited for them."""
         msg = loads_control(frames[1].buffer)
+        if "local" in msg:
+            self._on_redirect(sock, msg["req"], msg["local"])
+            return
         entry = self._fetching.pop(msg["req"], None)
         if entry is None:
             return
@@ -1137,12 +1209,26 @@ class Worker:
         return all(lk.goodbye for lk in ready) or now >= self._retire_deadline
 
     # ------------------------------------------------------------------ data port
-    def _on_data_request(self, frames: list[Any]) -> None:
-        """Serve GET (send stored values) on the data port: the only request it takes."""
+    def _on_data_request(self, sock: Any, frames: list[Any]) -> None:
+        """Serve GET (send stored values) on the data port: the only request it takes.
+
+        A requester on this host, asking over TCP, is sent the same-host socket instead.
+        """
         ident = frames[0].bytes
         kind = frames[1].bytes
         msg = loads_control(frames[2].buffer)
         if kind == Kind.GET:
+            if (
+                sock is self._data
+                and self.local_address
+                and msg.get("host") == localdata.host_token()
+            ):
+                self._served["redirected"] += 1
+                sock.send_multipart(
+                    [ident, *pack(Kind.DATA, {"req": msg["req"], "local": self.local_address})]
+                )
+                return
+            self._served["tcp" if sock is self._data else "local"] += 1
             items = []
             buffers: list[Any] = []
             for skey in msg["keys"]:
@@ -1153,7 +1239,7 @@ class Worker:
                 head, bufs = _encode_value(value)
                 items.append((skey, head, len(bufs)))
                 buffers.extend(bufs)
-            self._data.send_multipart(
+            sock.send_multipart(
                 [ident, *pack(Kind.DATA, {"req": msg["req"], "items": items})] + buffers,
                 copy=False,
             )
@@ -1260,6 +1346,8 @@ class Worker:
             "executed": dict(self._executed),
             "running": self._active,
             "inline": {"runs": self._inline_runs, "relieved": self._reliefs},
+            "data_served": dict(self._served),
+            "local_address": self.local_address,
         }
 
 
