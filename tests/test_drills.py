@@ -404,7 +404,7 @@ from jobqueue_ms import Client
 cloudpickle.register_pickle_by_value(drill_helpers)
 c = Client(sys.argv[3:])
 fs = c.submit_many(drill_helpers.record_execution, [(sys.argv[2], k, 0.05) for k in range(4000)])
-print("submitted", flush=True)
+print("submitted", c.reply_address, flush=True)
 sys.stdin.read()
 """
 
@@ -429,7 +429,9 @@ def test_sigkill_client_releases_its_tasks_on_every_scheduler(
             env={**os.environ, "JOBQUEUE_MS_KEYFILE": str(cluster.security.path)},
         )
         try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
+            assert proc.stdout is not None
+            said, reply_address = proc.stdout.readline().split()
+            assert said == "submitted" and reply_address.startswith("ipc://")
             wait_until(lambda: all(n > 100 for n in tasks_on(addresses)), timeout=60)
             wait_until(lambda: os.path.exists(log_path), timeout=60)
             proc.kill()
@@ -466,6 +468,11 @@ def test_sigkill_client_releases_its_tasks_on_every_scheduler(
     assert clients == [0, 0]
     assert slowest <= HEARTBEAT_TIMEOUT_S + 2 * HEARTBEAT_INTERVAL_S + 1.0, per_scheduler
     assert runs.started_after(released_wall) == 0
+    # its same-host reply socket's directory: left by the SIGKILL, removed by the next cluster
+    reply_dir = Path(reply_address[len("ipc://") :]).parent
+    assert reply_dir.exists()
+    with LocalCluster(n_schedulers=1, n_workers=0):
+        assert not reply_dir.exists()
 
 
 # ============================================================================ soak

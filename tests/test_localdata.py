@@ -1,8 +1,9 @@
-"""Same-host transfers of stored values over a worker's private Unix socket (runtime/localdata.py).
+"""Same-host shortcuts over private Unix sockets (runtime/localdata.py).
 
 Real worker processes and real sockets: a client and a second worker on this host are redirected
-from the encrypted TCP data port to the Unix socket; a socket that is not private is refused; a
-SIGKILLed worker's replacement serves on the same socket; nothing is left in the temp directory.
+from the encrypted TCP data port to the worker's Unix socket; a socket that is not private is
+refused; a SIGKILLed worker's replacement serves on the same socket; single-task results come
+straight from the worker to the client's socket; nothing is left in the temp directory.
 """
 
 from __future__ import annotations
@@ -142,12 +143,46 @@ def test_a_socket_that_is_not_private_is_refused_and_tcp_used() -> None:
             expect_served(client, 2, 0, 1)
 
 
+def inc(x: int) -> int:
+    return x + 1
+
+
+def test_single_task_results_also_come_straight_from_the_worker() -> None:
+    """A caller waiting on one task at a time gets its result a hop sooner (not through the
+    scheduler, which still sends its copy: the futures complete once, with the right value)."""
+    with LocalCluster(n_schedulers=1, n_workers=1, threads_per_worker=1) as cluster:
+        cluster.wait_for_workers(1, timeout=30)
+        client = Client(cluster)
+        reply_dir = Path(client.reply_address[len("ipc://") :]).parent
+        assert stat.S_IMODE(reply_dir.stat().st_mode) == 0o700
+        try:
+            futures = [client.submit(inc, 0)]
+            for i in range(50):
+                assert client.submit(inc, i).result(timeout=30) == i + 1
+            assert futures[0].result(timeout=30) == 1
+            direct = client.counters["direct_results"]
+            assert direct >= 25, client.counters  # the scheduler's copy may win now and then
+            assert client.submit(blob, 3).result(timeout=30) == blob(3)  # a location, then
+            assert client.counters["direct_results"] == direct + 1
+            # batches go the usual way: one message for many results is as cheap as it gets
+            assert client.gather(client.submit_many(inc, range(2000))) == list(range(1, 2001))
+            assert client.futures_pending == 0
+            done = lambda: client.scheduler_info()[0]["counters"]["tasks_done"]  # noqa: E731
+            wait_until(lambda: done() == 1 + 50 + 1 + 2000, timeout=30, message=lambda: done())
+        finally:
+            client.shutdown()
+        assert not reply_dir.exists()
+
+
 def test_turned_off_values_move_over_encrypted_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(localdata.ENV, "0")
     with LocalCluster(n_schedulers=1, n_workers=1, threads_per_worker=1) as cluster:
         cluster.wait_for_workers(1, timeout=30)
         with Client(cluster) as client:
+            assert client.reply_address == ""
             assert client.submit(blob, 4).result(timeout=30) == blob(4)
+            assert [client.submit(inc, i).result(timeout=30) for i in range(5)] == [1, 2, 3, 4, 5]
+            assert client.counters["direct_results"] == 0
             assert worker_status(client)["local_address"] == ""
             expect_served(client, 1, 0, 0)
 

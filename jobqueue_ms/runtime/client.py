@@ -340,6 +340,22 @@ class Client(cf.Executor):
             link.monitor = watch_handshakes(sock)
             sock.connect(a)
             self._links.append(link)
+        # Workers on this host send results of single tasks here too, skipping a hop through
+        # the scheduler (which still sends them: the first to arrive completes the future).
+        self._reply_dir = localdata.make_dir()
+        # removed by close(), at interpreter exit, or (SIGKILLed) by the next cluster started
+        self._remove_reply_dir = weakref.finalize(self, localdata.remove_dir, self._reply_dir)
+        self.counters = {"direct_results": 0}  # futures completed by a worker's direct result
+        self._reply_sock: zmq.Socket[Any] | None = None
+        self.reply_address = ""
+        if self._reply_dir:
+            try:
+                self._reply_sock = localdata.listen(
+                    self._ctx, self._reply_dir, self.security.max_message_bytes
+                )
+                self.reply_address = localdata.endpoint(self._reply_dir)
+            except (OSError, zmq.ZMQError) as exc:
+                log.warning("no same-host reply socket (%s): results come via schedulers", exc)
         self._thread = threading.Thread(
             target=self._io_loop, name="jobqueue-ms-client", daemon=True
         )
@@ -494,7 +510,8 @@ class Client(cf.Executor):
 
     @property
     def futures_pending(self) -> int:
-        return len(self._pending)
+        """Futures not done yet (one completed by a direct result counts as done)."""
+        return sum(1 for f in list(self._pending.values()) if not f.done())
 
     def __repr__(self) -> str:
         ready = sum(1 for lk in self._links if lk.state == "ready")
@@ -770,6 +787,9 @@ class Client(cf.Executor):
         self._thread.join(10)
         for s in getattr(self._local, "socks", {}).values():
             s.close(linger=0)
+        if self._reply_sock is not None:
+            self._reply_sock.close(linger=0)
+        self._remove_reply_dir()
         self._ctx.term()
         self._wakeup.close()
 
@@ -794,6 +814,9 @@ class Client(cf.Executor):
             Kind.INFO: self._on_info,
             Kind.GOODBYE: lambda link, msg: self._scheduler_lost(link, "it shut down"),
         }
+        reply = self._reply_sock
+        if reply is not None:
+            poller.register(reply, zmq.POLLIN)
         next_tick = 0.0
         next_release = 0.0
         idle_ms = int(self.heartbeat_interval_s * 500)
@@ -806,6 +829,9 @@ class Client(cf.Executor):
                         continue
                     if sock in by_monitor:
                         self._on_monitor(by_monitor[sock])
+                        continue
+                    if sock is reply:
+                        self._drain_replies(reply)
                         continue
                     link = by_sock[sock]
                     for _ in range(1000):
@@ -848,6 +874,37 @@ class Client(cf.Executor):
                     link.monitor.close(linger=0)
                 link.sock.close(linger=100)
             self._closed.set()
+
+    def _drain_replies(self, sock: Any) -> None:
+        """Results sent straight from workers on this host (see ``reply_address``)."""
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                if frames[1].bytes != Kind.RESULTS:
+                    raise ProtocolError("unknown message kind")
+                self._on_direct(loads_control(frames[2].buffer))
+            except Exception as exc:  # noqa: BLE001 - a bad message must not stop the client
+                log.warning("dropped a malformed direct result: %s", exc, exc_info=True)
+
+    def _on_direct(self, msg: dict[str, Any]) -> None:
+        """Complete futures from a worker's direct results; the scheduler's copy follows.
+
+        Only the scheduler's copy does the bookkeeping (outstanding counts, resubmission
+        state), so that a direct result that never comes changes nothing but latency.
+        """
+        link = next((lk for lk in self._links if lk.scheduler_id == msg["sid"]), None)
+        if link is None:
+            return
+        for ckey, status, value in msg["results"]:
+            fut = self._pending.get(ckey)
+            spec = self._specs.get(ckey)
+            if fut is None or fut.done() or spec is None or spec.sched != link.index:
+                continue
+            self.counters["direct_results"] += 1
+            self._resolve_future(fut, ckey, status, value)
 
     def _on_monitor(self, link: _Link) -> None:
         """A handshake with this scheduler ended: hello at once, or say why it failed."""
@@ -1100,7 +1157,6 @@ class Client(cf.Executor):
         """Resolve futures from a batch of finished tasks."""
         link.queued_hint = msg.get("queued", 0)
         pending = self._pending
-        loads = pickle.loads
         finished = 0
         for ckey, status, value in msg["results"]:
             fut = pending.pop(ckey, None)
@@ -1117,29 +1173,18 @@ class Client(cf.Executor):
                 pending[ckey] = fut  # a stale answer from a scheduler we failed over from
                 continue
             finished += 1
-            if fut.done():
-                if status == R_REMOTE and type(fut._result) is _Remote:  # recomputed elsewhere
+            if fut.done():  # cancelled, a direct result came first, or recomputed elsewhere
+                old = fut._result
+                if (
+                    status == R_REMOTE
+                    and type(old) is _Remote
+                    and (old.address, old.skey) != (value[0], tuple(value[1]))
+                ):
                     with fut._condition:
                         fut._result = _Remote(value[0], tuple(value[1]), value[2])
                         fut._condition.notify_all()
-                continue
-            try:
-                if status == R_INLINE:
-                    if value is None:
-                        fut.set_result(self._scattered.get(ckey))
-                    else:
-                        fut.set_result(loads(value))
-                elif status == R_REMOTE:
-                    fut.set_result(_Remote(value[0], tuple(value[1]), value[2]))
-                elif status == R_ERROR:
-                    fut.set_exception(_rebuild_error(value))
-                else:
-                    etype, text = value
-                    fut.set_exception(_FAILURES.get(etype, JobqueueError)(text))
-            except cf.InvalidStateError:  # cancelled meanwhile
-                pass
-            except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be unpickled here
-                fut.set_exception(exc)
+            else:
+                self._resolve_future(fut, ckey, status, value)
             spec_ = self._specs.get(ckey)
             if spec_ is not None and not spec_.deps and status == R_INLINE and spec_.payload:
                 spec_.payload = b""  # resubmission no longer needed; keep memory small
@@ -1147,6 +1192,25 @@ class Client(cf.Executor):
         if self._held:
             for spec in list(self._held):
                 self._route([spec], {})
+
+    def _resolve_future(self, fut: Future, ckey: int, status: int, value: Any) -> None:
+        try:
+            if status == R_INLINE:
+                if value is None:
+                    fut.set_result(self._scattered.get(ckey))
+                else:
+                    fut.set_result(pickle.loads(value))
+            elif status == R_REMOTE:
+                fut.set_result(_Remote(value[0], tuple(value[1]), value[2]))
+            elif status == R_ERROR:
+                fut.set_exception(_rebuild_error(value))
+            else:
+                etype, text = value
+                fut.set_exception(_FAILURES.get(etype, JobqueueError)(text))
+        except cf.InvalidStateError:  # cancelled meanwhile
+            pass
+        except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be unpickled here
+            fut.set_exception(exc)
 
     def _tick(self, now: float) -> None:
         """Heartbeats, (re)connection, and failover for silent schedulers."""
@@ -1170,6 +1234,8 @@ class Client(cf.Executor):
                 "versions": protocol.versions(),
                 "client_id": self.client_id,
                 "name": self.name,
+                "reply_to": self.reply_address,  # "" or a same-host socket (runtime/localdata)
+                "boot": localdata.host_token() if self.reply_address else "",
             },
         )
 
@@ -1206,6 +1272,7 @@ class Client(cf.Executor):
                 redo.append(spec)
             else:
                 spec.sched = -1
+                self._pending.pop(ckey, None)  # done by a direct result: no copy will come now
         if not any(lk.state == "ready" for lk in self._links):
             self._fail_all_lost([s.ckey for s in redo])
             return

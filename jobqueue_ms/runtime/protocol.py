@@ -177,6 +177,11 @@ def check_hello(msg: Any) -> dict[str, Any]:
     if role == "client":
         want_str(msg.get("client_id"), "hello client_id")
         want_str(msg.get("name"), "hello name")
+        reply_to = want_str(msg.get("reply_to", ""), "hello reply_to")
+        if reply_to and (not reply_to.startswith("ipc://") or len(reply_to) > 200):
+            raise _fail("hello reply_to must be empty or an ipc:// path", reply_to)
+        if len(want_str(msg.get("boot", ""), "hello boot")) > 64:
+            raise _fail("hello boot must be a boot id", msg.get("boot"))
     elif role == "worker":
         want_str(msg.get("name"), "hello name")
         want_str(msg.get("job"), "hello job", optional=True)
@@ -190,6 +195,8 @@ def check_hello(msg: Any) -> dict[str, Any]:
         want_number(msg.get("memory_limit"), "hello memory_limit", optional=True)
         want_number(msg.get("lifetime_end"), "hello lifetime_end", optional=True)
         want_int(msg.get("hello_id", 0), "hello hello_id")
+        if len(want_str(msg.get("boot", ""), "hello boot")) > 64:
+            raise _fail("hello boot must be a boot id", msg.get("boot"))
     else:
         raise _fail("hello role must be 'client' or 'worker'", role)
     return msg

@@ -117,10 +117,14 @@ class ClientRecord:
         "name",
         "parked",
         "awaiting",
+        "reply_to",
+        "boot",
     )
 
     def __init__(self, ident: bytes, index: int, client_id: str, name: str) -> None:
         self.ident = ident
+        self.reply_to = ""  # the client's same-host socket for direct results, if any
+        self.boot = ""  # its machine (boot id): only workers on the same one use reply_to
         self.index = index
         self.client_id = client_id
         self.name = name
@@ -144,6 +148,7 @@ class WorkerRecord:
         self.nthreads: int = hello.get("nthreads", 1)
         self.resources: dict[str, float] = dict(hello.get("resources") or {})
         self.data_address: str = hello["data_address"]
+        self.boot: str = hello.get("boot", "")
         self.memory_limit: int | None = hello.get("memory_limit")
         self.lifetime_end: float | None = hello.get("lifetime_end")
         self.lease = 0
@@ -475,6 +480,8 @@ class Scheduler:
             if c is None:
                 c = ClientRecord(ident, next(self._client_index), msg["client_id"], msg["name"])
                 self.clients[ident] = c
+            c.reply_to = msg.get("reply_to", "")
+            c.boot = msg.get("boot", "") if c.reply_to else ""
             self._send(ident, Kind.WELCOME, welcome)
         else:
             raise ProtocolError(f"unknown role {role!r}")
@@ -1042,6 +1049,13 @@ class Scheduler:
             msg = {"tasks": part, "funcs": funcs if i == 0 else {}, "more": self.n_ready}
             if resources is not None:
                 msg["resources"] = resources
+            if len(batch) == 1 and not self.n_ready:
+                # One task and nothing else ready (a caller waiting on it, most likely): a
+                # worker on the client's machine also sends the result straight there, a hop
+                # shorter than through us. Not under load: there it would only double messages.
+                c = batch[0].client
+                if c.reply_to and w.boot and c.boot == w.boot:
+                    msg["reply"] = (c.reply_to, batch[0].key & ((1 << CLIENT_BITS) - 1))
             self._send(w.ident, Kind.TASKS, msg)
 
     # ------------------------------------------------------------------ results

@@ -46,6 +46,8 @@ from .wakeup import Wakeup
 log = logging.getLogger("jobqueue_ms.worker")
 
 D_INLINE, D_STORED, D_ERROR = range(3)
+R_INLINE, R_REMOTE = 0, 1  # result kinds as clients know them (direct results)
+MAX_REPLY_SOCKETS = 32  # clients on this host a worker keeps a direct-result socket to
 EXIT_OK = 0  # retired or lifetime reached: do not restart
 EXIT_FATAL = 3  # misconfiguration (e.g. version mismatch): do not restart
 PREFETCH_WINDOW_S = 0.002  # queue at most this much work per thread beyond the running tasks
@@ -105,6 +107,7 @@ class _Item:
         "resources",
         "waiting",
         "values",
+        "reply",
     )
 
     def __init__(
@@ -126,6 +129,7 @@ class _Item:
         self.resources = resources
         self.waiting = 0  # remote inputs not fetched yet
         self.values: dict[int, Any] = {}
+        self.reply: tuple[str, int] | None = None  # (client's same-host socket, its key)
 
 
 class _ArgsUnpickler(pickle.Unpickler):
@@ -279,6 +283,7 @@ class Worker:
         self._reliefs = 0
         self._funcs: dict[bytes, Any] = {}
         self._fetching: dict[int, tuple[Any, list[_Item], list[tuple[str, int]], float]] = {}
+        self._reply_socks: dict[str, Any] = {}  # client reply address -> socket (None: refused)
         self._peers: dict[str, zmq.Socket[Any]] = {}  # data address -> the socket we use now
         self._peer_address: dict[Any, str] = {}  # every peer socket opened -> its data address
         self._settled: set[Any] = set()  # on a same-host socket, or TCP after a refused offer
@@ -372,6 +377,9 @@ class Worker:
                 lk.monitor.close(linger=0)
             for s in [*self._peer_address, *(lk.sock for lk in self._links), self._data]:
                 s.close(linger=100)
+            for s in self._reply_socks.values():
+                if s is not None:
+                    s.close(linger=0)
             self._close_local()
             self._ctx.term()
             self._wakeup.close()
@@ -528,6 +536,7 @@ class Worker:
                 "memory_limit": self.memory_limit,
                 "lifetime_end": self.lifetime_end,
                 "hello_id": link.hello_id,
+                "boot": localdata.host_token() if localdata.enabled() else "",
             },
         )
         if not link.hello_sent:
@@ -816,6 +825,9 @@ class Worker:
                 if len(funcs) > 512:
                     funcs.pop(next(iter(funcs)))
         sid = link.scheduler_id
+        reply = msg.get("reply") if len(tasks) == 1 else None
+        if not (type(reply) in (list, tuple) and len(reply) == 2 and type(reply[1]) is int):
+            reply = None  # (client's same-host socket, its key for the task), or none
         for key, fhash, payload, deps, resources in tasks:
             if resources:
                 for name, amount in resources.items():
@@ -823,6 +835,8 @@ class Worker:
                     self._res_used[name] = self._res_used.get(name, 0) + amount
             func = funcs.get(fhash)
             item = _Item(link, key, fhash, func, payload, deps, resources)
+            if reply is not None:
+                item.reply = (str(reply[0]), reply[1])
             link.inflight.add(key)
             self._queued += 1
             if deps:
@@ -1107,6 +1121,8 @@ class Worker:
             size = _nbytes(value)
             if size is not None and size > limit:
                 self._keep(link, item.key, value, size, duration)
+                if item.reply is not None and link.done[-1][1] == D_STORED:
+                    self._reply(item, R_REMOTE, (self.data_address, (sid, item.key), size))
                 continue
             try:
                 data = dumps_user(value)
@@ -1117,6 +1133,32 @@ class Worker:
                 self._keep(link, item.key, value, len(data), duration)
             else:
                 link.done.append((item.key, D_INLINE, data, duration))
+                if item.reply is not None:
+                    self._reply(item, R_INLINE, data)
+
+    def _reply(self, item: _Item, status: int, value: Any) -> None:
+        """Send a result straight to its client on this host too (best effort: the scheduler
+        sends it as well, and whichever comes first completes the future)."""
+        address, ckey = item.reply  # type: ignore[misc]
+        socks = self._reply_socks
+        sock = socks.get(address, False)
+        if sock is False:
+            if len(socks) >= MAX_REPLY_SOCKETS:  # the oldest client's socket goes
+                old = socks.pop(next(iter(socks)))
+                if old is not None:
+                    old.close(linger=0)
+            sock = None
+            if localdata.trusted(address):  # ours and private, as for data (localdata.py)
+                sock = localdata.connect(self._ctx, address, self.security.max_message_bytes)
+                sock.setsockopt(zmq.SNDHWM, 64)  # a client gone: drop, do not hoard
+            socks[address] = sock
+        if sock is None:
+            return
+        msg = {"sid": item.link.scheduler_id, "results": [(ckey, status, value)]}
+        try:
+            send_nowait(sock, pack(Kind.RESULTS, msg))
+        except zmq.ZMQError:  # full (the client is gone or slow): the scheduler's copy will do
+            pass
 
     def _keep(self, link: _SchedulerLink, key: int, value: Any, size: int, duration: float) -> None:
         """Store a large result here; the scheduler learns only where it is."""
