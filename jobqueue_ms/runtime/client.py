@@ -39,7 +39,7 @@ from .errors import (
     TooManyTasksError,
     VersionMismatchError,
 )
-from .protocol import Kind, ProtocolError, loads_control, pack, send_nowait
+from .protocol import Kind, ProtocolError, loads_control, pack, send_nowait, waiting
 from .security import Security, SecurityError, describe_handshake_failure, watch_handshakes
 from .wakeup import Wakeup
 
@@ -834,11 +834,7 @@ class Client(cf.Executor):
                         self._drain_replies(reply)
                         continue
                     link = by_sock[sock]
-                    for _ in range(1000):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
+                    for frames in waiting(sock):
                         link.last_recv = time.monotonic()
                         try:
                             handler = handlers.get(frames[0].bytes)
@@ -877,11 +873,7 @@ class Client(cf.Executor):
 
     def _drain_replies(self, sock: Any) -> None:
         """Results sent straight from workers on this host (see ``reply_address``)."""
-        for _ in range(1000):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in waiting(sock):
             try:
                 if frames[1].bytes != Kind.RESULTS:
                     raise ProtocolError("unknown message kind")

@@ -20,13 +20,14 @@ import math
 import pickle
 import platform
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
 
 from .._version import __version__
 
-PROTOCOL_VERSION = 2  # 2: CurveZMQ, drop, ready counts in heartbeat answers
+PROTOCOL_VERSION = 3  # 2: CurveZMQ, drop, ready counts in heartbeats; 3: same-host sockets
 
 
 class Kind:
@@ -102,6 +103,17 @@ def send_nowait(sock: Any, frames: list[Any]) -> None:
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         _backend_send(sock, frame, _NOBLOCK if i == last else _MORE_NOBLOCK)
+
+
+def waiting(sock: Any, limit: int = 1000) -> Iterator[list[Any]]:
+    """The messages waiting on ``sock`` (frames, not copied), at most ``limit`` in one go so
+    that one busy peer cannot starve the other sockets of a loop."""
+    recv = sock.recv_multipart
+    for _ in range(limit):
+        try:
+            yield recv(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
 
 
 def pack(kind: bytes, control: Any = None, buffers: list[Any] | None = None) -> list[Any]:

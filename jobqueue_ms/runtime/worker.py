@@ -39,7 +39,15 @@ from typing import Any
 import zmq
 
 from . import localdata, protocol
-from .protocol import Kind, ProtocolError, dumps_user, loads_control, pack, send_nowait
+from .protocol import (
+    Kind,
+    ProtocolError,
+    dumps_user,
+    loads_control,
+    pack,
+    send_nowait,
+    waiting,
+)
 from .security import Guard, Security, describe_handshake_failure, watch_handshakes
 from .wakeup import Wakeup
 
@@ -475,11 +483,7 @@ class Worker:
 
     def _drain_socket(self, sock: Any) -> None:
         """Handle every message waiting on one socket."""
-        for _ in range(1000):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in waiting(sock):
             try:
                 if sock is self._data or sock is self._local_sock:
                     self._on_data_request(sock, frames)
