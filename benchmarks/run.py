@@ -309,6 +309,9 @@ def jq_abcd(cfg: dict[str, Any], only: set[str], out: dict[str, Any], res: Resul
                 out["d_bytes"] = guarded(
                     res, "d", "jobqueue-ms bytes", cfg["timeout"], lambda: d(make_bytes)
                 )
+                out["d_bytes2"] = guarded(  # the client's freed memory is reused this time
+                    res, "d", "jobqueue-ms bytes again", cfg["timeout"], lambda: d(make_bytes)
+                )
                 if np is not None:
                     out["d_numpy"] = guarded(
                         res, "d", "jobqueue-ms numpy", cfg["timeout"], lambda: d(make_array)
@@ -388,6 +391,9 @@ def dask_abcd(cfg: dict[str, Any], only: set[str], out: dict[str, Any], res: Res
             out["c"] = guarded(res, "c", "dask", cfg["timeout"], c)
         if "d" in only:
             out["d_bytes"] = guarded(res, "d", "dask bytes", cfg["timeout"], lambda: d(make_bytes))
+            out["d_bytes2"] = guarded(
+                res, "d", "dask bytes again", cfg["timeout"], lambda: d(make_bytes)
+            )
             if np is not None:
                 out["d_numpy"] = guarded(
                     res, "d", "dask numpy", cfg["timeout"], lambda: d(make_array)
@@ -889,6 +895,14 @@ def main(argv: list[str] | None = None) -> int:
             "MB/s",
             pick(jq, "d_bytes"),
             pick(dk, "d_bytes"),
+            "high",
+        )
+        res.add(
+            "d",
+            f"{cfg['d_n']} x {cfg['d_size'] // MB} MB bytes gathered again (memory reused)",
+            "MB/s",
+            pick(jq, "d_bytes2"),
+            pick(dk, "d_bytes2"),
             "high",
         )
         if np is not None:
