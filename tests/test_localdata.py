@@ -224,3 +224,13 @@ def test_a_sigkilled_nanny_s_socket_directory_is_swept_by_the_next_cluster() -> 
         assert directory.exists()
     with LocalCluster(n_schedulers=1, n_workers=0):
         assert not directory.exists()
+
+
+def test_the_example_in_docs_security_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    block = text.split("<!-- example: same-host -->", 1)[1].split("```python\n", 1)[1]
+    exec(compile(block.split("```", 1)[0], "security.md", "exec"), {"__name__": "__main__"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "10000000" and lines[1] == "[3, 3, 3]", lines
+    assert lines[2].startswith("ipc://") and lines[4].startswith("ipc://"), lines
+    assert lines[3].startswith("{'direct_results': "), lines

@@ -207,6 +207,9 @@ def check_hello(msg: Any) -> dict[str, Any]:
         want_number(msg.get("memory_limit"), "hello memory_limit", optional=True)
         want_number(msg.get("lifetime_end"), "hello lifetime_end", optional=True)
         want_int(msg.get("hello_id", 0), "hello hello_id")
+        local = want_str(msg.get("local_address", ""), "hello local_address")
+        if local and (not local.startswith("ipc://") or len(local) > 200):
+            raise _fail("hello local_address must be empty or an ipc:// path", local)
         if len(want_str(msg.get("boot", ""), "hello boot")) > 64:
             raise _fail("hello boot must be a boot id", msg.get("boot"))
     else:

@@ -149,6 +149,7 @@ class WorkerRecord:
         self.resources: dict[str, float] = dict(hello.get("resources") or {})
         self.data_address: str = hello["data_address"]
         self.boot: str = hello.get("boot", "")
+        self.local_address: str = hello.get("local_address", "")  # its same-host data socket
         self.memory_limit: int | None = hello.get("memory_limit")
         self.lifetime_end: float | None = hello.get("lifetime_end")
         self.lease = 0
@@ -1374,7 +1375,7 @@ class Scheduler:
                     "inline": st.get("inline", {"runs": 0, "relieved": 0}),
                     # GETs its data port answered: over TCP, on its same-host socket, redirected
                     "data_served": st.get("data_served", {"tcp": 0, "local": 0, "redirected": 0}),
-                    "local_address": st.get("local_address", ""),
+                    "local_address": w.local_address,
                 }
             )
         return {

@@ -541,6 +541,7 @@ class Worker:
                 "lifetime_end": self.lifetime_end,
                 "hello_id": link.hello_id,
                 "boot": localdata.host_token() if localdata.enabled() else "",
+                "local_address": self.local_address,
             },
         )
         if not link.hello_sent:
@@ -1393,7 +1394,6 @@ class Worker:
             "running": self._active,
             "inline": {"runs": self._inline_runs, "relieved": self._reliefs},
             "data_served": dict(self._served),
-            "local_address": self.local_address,
         }
 
 
