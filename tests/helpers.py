@@ -23,6 +23,26 @@ T = TypeVar("T")
 MPICH_LEFTOVERS = ((Path("/tmp"), "hydra_hwloc_xmlfile_*"), (Path("/dev/shm"), "mpich_shm_*"))
 
 
+def socket_dirs() -> set[Path]:
+    """Same-host socket directories of workers and clients (runtime/localdata.py) in the temp
+    directory."""
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("jqms-*"))
+
+
+def sweep_socket_dirs(before: set[Path], timeout: float = 30) -> None:
+    """Ranks of a job killed outright (SIGKILL) cannot remove their socket directories: check
+    that the sweep the next cluster runs removes every one made since ``before``."""
+    from jobqueue_ms.deploy.leftovers import sweep
+
+    def swept() -> bool:
+        sweep()  # only directories whose owner process is gone
+        return not socket_dirs() - before
+
+    wait_until(swept, timeout=timeout, message=lambda: f"{socket_dirs() - before} swept")
+
+
 def remove_mpich_leftovers(since: float) -> list[Path]:
     """Remove what MPICH left of this user's jobs started since ``since`` (epoch seconds).
 

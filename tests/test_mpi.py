@@ -12,13 +12,12 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import remove_mpich_leftovers, wait_until
+from helpers import remove_mpich_leftovers, socket_dirs, wait_until
 
 from jobqueue_ms.deploy.leftovers import sweep
 from jobqueue_ms.mpi import (
@@ -378,11 +377,6 @@ def test_mpich_address_from_env_and_interface_option(mpi):
     assert "WORKER_HOSTS ['127.0.0.1']" in proc.stdout.splitlines()
 
 
-def _socket_dirs() -> set[Path]:
-    """Workers' same-host socket directories (runtime/localdata.py) in the temp directory."""
-    return set(Path(tempfile.gettempdir()).glob("jqms-*"))
-
-
 @pytest.mark.mpi
 def test_mpich_kill_worker_rank_aborts_the_job_without_hanging(mpi, tmp_path):
     """Hydra (PyPI MPICH 5) kills every rank when one dies, even with -disable-auto-cleanup.
@@ -394,11 +388,11 @@ def test_mpich_kill_worker_rank_aborts_the_job_without_hanging(mpi, tmp_path):
     cmd.append(str(SCRIPTS / "kill_worker.py"))
     record = tmp_path / "killed"
     env = {"JOBQUEUE_MS_HEARTBEAT_TIMEOUT": "3", "JQMS_TEST_KILL_RECORD": str(record)}
-    before = _socket_dirs()
+    before = socket_dirs()
     proc, elapsed = _launch(cmd, env=env, timeout=60)
-    left = _socket_dirs() - before  # every rank was SIGKILLed: none could remove its own
+    left = socket_dirs() - before  # every rank was SIGKILLed: none could remove its own
     assert left and {Path(p) for p in sweep()} >= left  # what the next cluster here does first
-    assert not _socket_dirs() - before
+    assert not socket_dirs() - before
     # The kill happened: the client rank's "KILLED" line may be lost (hydra kills the rank before
     # forwarding it) and hydra's own words vary ("Killed (signal 9)", or a proxy's broken pipe
     # first), so the script also leaves the victim's pid in a file.
@@ -520,12 +514,12 @@ def test_openmpi_killed_worker_rank_is_survived_with_enable_recovery(mpi):
     cmd = [OPENMPI, "--enable-recovery", "-n", "6", str(mpi.python), "-m", "jobqueue_ms.mpi"]
     cmd += ["--schedulers", "2", str(SCRIPTS / "kill_worker.py")]
     env = {**OPENMPI_ENV, "JOBQUEUE_MS_HEARTBEAT_TIMEOUT": "3"}
-    before = _socket_dirs()
+    before = socket_dirs()
     proc, _ = _launch(cmd, env=env, timeout=90)
     assert "KILLED" in proc.stdout
     assert f"DONE {sum(i * i for i in range(120))}" in proc.stdout, proc.stderr
     assert proc.returncode == 0, proc.stderr
-    assert not _socket_dirs() - before  # the survivors removed the killed rank's directory
+    assert not socket_dirs() - before  # the survivors removed the killed rank's directory
 
 
 @pytest.mark.mpi

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 from click.testing import CliRunner
-from helpers import remove_mpich_leftovers, run, wait_until
+from helpers import remove_mpich_leftovers, run, socket_dirs, sweep_socket_dirs, wait_until
 
 from jobqueue_ms.batch.base import BatchCluster
 from jobqueue_ms.cli import main
@@ -566,6 +566,7 @@ def test_slurm_cancelled_job_ends_wait_with_exit_code_1(slurm, mpi, job_name, tm
         return bool(logs) and "STARTED" in logs[0].read_text()
 
     t0 = time.time()
+    before = socket_dirs()
     try:
         wait_until(
             started,
@@ -580,6 +581,7 @@ def test_slurm_cancelled_job_ends_wait_with_exit_code_1(slurm, mpi, job_name, tm
             proc.kill()
             proc.communicate()
         remove_mpich_leftovers(since=t0)  # hydra, killed with the job, leaves them
+        sweep_socket_dirs(before)  # and the worker ranks their socket directories
     assert proc.returncode == 1, err
     job_id = out.splitlines()[0]
     assert err.splitlines()[-1] == (
