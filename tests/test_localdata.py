@@ -204,6 +204,7 @@ def test_trusted_only_for_this_user_s_socket_in_a_private_directory(tmp_path: Pa
         assert not localdata.trusted(None)  # type: ignore[arg-type]
         private.chmod(0o750)
         assert not localdata.trusted(address)  # a group may enter
+        assert localdata.connect(ctx, address, 1 << 20) is None  # so nobody connects there
         with pytest.raises(PermissionError, match="mode 0700"):
             localdata.listen(ctx, str(private), 1 << 20)
     finally:

@@ -708,11 +708,11 @@ class Client(cf.Executor):
 
     def _redirect(self, address: str, sock: Any, local: Any) -> Any:
         """The worker at ``address`` is on this host: use its Unix socket if it is private."""
-        if not localdata.trusted(local):
+        near = localdata.connect(self._ctx, local, self.security.max_message_bytes)
+        if near is None:
             log.warning("worker %s offered %r, not a private socket of ours: TCP", address, local)
             self._local.settled.add(sock)
             return sock
-        near = localdata.connect(self._ctx, local, self.security.max_message_bytes)
         sock.close(linger=0)  # nothing else is in flight on it: fetches are synchronous
         self._local.socks[address] = near
         self._local.settled.add(near)

@@ -120,8 +120,10 @@ def listen(ctx: zmq.Context[Any], directory: str, max_message_bytes: int) -> zmq
     return sock
 
 
-def connect(ctx: zmq.Context[Any], address: str, max_message_bytes: int) -> zmq.Socket[Any]:
-    """A requester's socket to a worker's same-host data socket."""
+def connect(ctx: zmq.Context[Any], address: str, max_message_bytes: int) -> zmq.Socket[Any] | None:
+    """A socket to a peer's same-host socket, or None if that is not :func:`trusted`."""
+    if not trusted(address):
+        return None
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)

@@ -189,11 +189,7 @@ def check_hello(msg: Any) -> dict[str, Any]:
     if role == "client":
         want_str(msg.get("client_id"), "hello client_id")
         want_str(msg.get("name"), "hello name")
-        reply_to = want_str(msg.get("reply_to", ""), "hello reply_to")
-        if reply_to and (not reply_to.startswith("ipc://") or len(reply_to) > 200):
-            raise _fail("hello reply_to must be empty or an ipc:// path", reply_to)
-        if len(want_str(msg.get("boot", ""), "hello boot")) > 64:
-            raise _fail("hello boot must be a boot id", msg.get("boot"))
+        _want_same_host(msg, "reply_to")
     elif role == "worker":
         want_str(msg.get("name"), "hello name")
         want_str(msg.get("job"), "hello job", optional=True)
@@ -207,14 +203,19 @@ def check_hello(msg: Any) -> dict[str, Any]:
         want_number(msg.get("memory_limit"), "hello memory_limit", optional=True)
         want_number(msg.get("lifetime_end"), "hello lifetime_end", optional=True)
         want_int(msg.get("hello_id", 0), "hello hello_id")
-        local = want_str(msg.get("local_address", ""), "hello local_address")
-        if local and (not local.startswith("ipc://") or len(local) > 200):
-            raise _fail("hello local_address must be empty or an ipc:// path", local)
-        if len(want_str(msg.get("boot", ""), "hello boot")) > 64:
-            raise _fail("hello boot must be a boot id", msg.get("boot"))
+        _want_same_host(msg, "local_address")
     else:
         raise _fail("hello role must be 'client' or 'worker'", role)
     return msg
+
+
+def _want_same_host(msg: dict[str, Any], field: str) -> None:
+    """A hello's same-host socket (``field``: empty or ipc://...) and its boot id."""
+    address = want_str(msg.get(field, ""), f"hello {field}")
+    if address and (not address.startswith("ipc://") or len(address) > 200):
+        raise _fail(f"hello {field} must be empty or an ipc:// path", address)
+    if len(want_str(msg.get("boot", ""), "hello boot")) > 64:
+        raise _fail("hello boot must be a boot id", msg.get("boot"))
 
 
 def check_grant(msg: Any, what: str) -> dict[str, Any]:

@@ -908,16 +908,15 @@ class Worker:
         address = self._peer_address.get(sock)
         if entry is None or address is None:
             return
-        if localdata.trusted(local):
-            if self._peers.get(address, sock) is sock:  # not redirected by an earlier answer
-                near = localdata.connect(self._ctx, local, self.security.max_message_bytes)
+        if self._peers.get(address, sock) is sock:  # not redirected by an earlier answer
+            near = localdata.connect(self._ctx, local, self.security.max_message_bytes)
+            if near is None:  # not ours, or not private: take the values over TCP after all
+                log.warning("peer %s offered %r, not a private socket of ours: TCP", address, local)
+                self._settled.add(sock)
+            else:
                 self._settled.add(near)
                 self._add_peer(address, near)
-            target = self._peers[address]
-        else:  # not ours, or not private: take the values over TCP after all
-            log.warning("peer %s offered %r, not a private socket of ours: TCP", address, local)
-            self._settled.add(sock)
-            target = sock
+        target = self._peers[address]
         target.send_multipart(pack(Kind.GET, {"req": req, "keys": [list(k) for _, k in entry[2]]}))
 
     def _on_peer_data(self, sock: Any, frames: list[Any]) -> None:
@@ -1152,9 +1151,9 @@ class Worker:
                 old = socks.pop(next(iter(socks)))
                 if old is not None:
                     old.close(linger=0)
-            sock = None
-            if localdata.trusted(address):  # ours and private, as for data (localdata.py)
-                sock = localdata.connect(self._ctx, address, self.security.max_message_bytes)
+            # None unless ours and private, as for data (localdata.py)
+            sock = localdata.connect(self._ctx, address, self.security.max_message_bytes)
+            if sock is not None:
                 sock.setsockopt(zmq.SNDHWM, 64)  # a client gone: drop, do not hoard
             socks[address] = sock
         if sock is None:
