@@ -39,7 +39,17 @@ from .errors import (
     TooManyTasksError,
     VersionMismatchError,
 )
-from .protocol import Kind, ProtocolError, loads_control, pack, send_nowait, waiting
+from .protocol import (
+    R_ERROR,
+    R_INLINE,
+    R_REMOTE,
+    Kind,
+    ProtocolError,
+    loads_control,
+    pack,
+    send_nowait,
+    waiting,
+)
 from .security import Security, SecurityError, describe_handshake_failure, watch_handshakes
 from .wakeup import Wakeup
 
@@ -47,7 +57,6 @@ log = logging.getLogger("jobqueue_ms.client")
 
 __all__ = ["Client", "Future", "wait", "as_completed", "FIRST_COMPLETED"]
 
-R_INLINE, R_REMOTE, R_ERROR, R_FAILED = range(4)
 _FAILURES: dict[str, type[Exception]] = {
     "KilledWorkerError": KilledWorkerError,
     "LostDataError": LostDataError,

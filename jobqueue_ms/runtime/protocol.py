@@ -29,6 +29,11 @@ from .._version import __version__
 
 PROTOCOL_VERSION = 3  # 2: CurveZMQ, drop, ready counts in heartbeats; 3: same-host sockets
 
+# result statuses (scheduler or, directly, worker -> client)
+R_INLINE, R_REMOTE, R_ERROR, R_FAILED = range(4)
+# done statuses (worker -> scheduler)
+D_INLINE, D_STORED, D_ERROR = range(3)
+
 
 class Kind:
     """Message verbs. Direction is noted as sender -> receiver."""

@@ -27,6 +27,13 @@ import zmq
 
 from . import protocol
 from .protocol import (
+    D_ERROR,
+    D_INLINE,
+    D_STORED,
+    R_ERROR,
+    R_FAILED,
+    R_INLINE,
+    R_REMOTE,
     Kind,
     ProtocolError,
     check_grant,
@@ -43,12 +50,9 @@ log = logging.getLogger("jobqueue_ms.scheduler")
 
 # task states
 WAITING, READY, ASSIGNED, DONE, ERRED, CANCELLED = range(6)
-# result statuses (scheduler -> client)
-R_INLINE, R_REMOTE, R_ERROR, R_FAILED = range(4)
-# done statuses (worker -> scheduler)
-D_INLINE, D_STORED, D_ERROR = range(3)
 
 CLIENT_BITS = 40  # internal key = client index << CLIENT_BITS | client's own key
+CLIENT_KEY_MASK = (1 << CLIENT_BITS) - 1  # internal key & this = the client's own key
 DEFAULT_MAX_TASKS_PER_CLIENT = 1_000_000  # ~0.5 GB of scheduler memory at most per client
 
 
@@ -833,7 +837,7 @@ class Scheduler:
         t.state = ERRED
         t.result = None
         c = t.client
-        c.outbox.append((t.key & ((1 << CLIENT_BITS) - 1), R_FAILED, (etype, text)))
+        c.outbox.append((t.key & CLIENT_KEY_MASK, R_FAILED, (etype, text)))
         self._dirty_clients.add(c)
         self._fail_dependents(t)
         self._maybe_forget(t)
@@ -1056,7 +1060,7 @@ class Scheduler:
                 # shorter than through us. Not under load: there it would only double messages.
                 c = batch[0].client
                 if c.reply_to and w.boot and c.boot == w.boot:
-                    msg["reply"] = (c.reply_to, batch[0].key & ((1 << CLIENT_BITS) - 1))
+                    msg["reply"] = (c.reply_to, batch[0].key & CLIENT_KEY_MASK)
             self._send(w.ident, Kind.TASKS, msg)
 
     # ------------------------------------------------------------------ results
@@ -1097,7 +1101,7 @@ class Scheduler:
                 continue
             t.worker = None
             c = t.client
-            ckey = key & ((1 << CLIENT_BITS) - 1)
+            ckey = key & CLIENT_KEY_MASK
             if status == D_ERROR:
                 if t.retries > 0:
                     t.retries -= 1
@@ -1194,7 +1198,7 @@ class Scheduler:
                 old.holds.discard(key)
                 self._send(old.ident, Kind.RELEASE, [key])
                 if t.wanted:
-                    ckey = key & ((1 << CLIENT_BITS) - 1)
+                    ckey = key & CLIENT_KEY_MASK
                     t.client.outbox.append(
                         (ckey, R_REMOTE, (w.data_address, (self.scheduler_id, key), t.result))
                     )
@@ -1428,7 +1432,7 @@ def _fits(need: dict[str, float] | None, have: dict[str, float]) -> bool:
 
 
 def _dep_failed_text(dep: Task) -> str:
-    return f"an input task ({dep.key & ((1 << CLIENT_BITS) - 1)}) failed or was cancelled"
+    return f"an input task ({dep.key & CLIENT_KEY_MASK}) failed or was cancelled"
 
 
 def write_scheduler_file(

@@ -40,6 +40,11 @@ import zmq
 
 from . import localdata, protocol
 from .protocol import (
+    D_ERROR,
+    D_INLINE,
+    D_STORED,
+    R_INLINE,
+    R_REMOTE,
     Kind,
     ProtocolError,
     dumps_user,
@@ -53,8 +58,6 @@ from .wakeup import Wakeup
 
 log = logging.getLogger("jobqueue_ms.worker")
 
-D_INLINE, D_STORED, D_ERROR = range(3)
-R_INLINE, R_REMOTE = 0, 1  # result kinds as clients know them (direct results)
 MAX_REPLY_SOCKETS = 32  # clients on this host a worker keeps a direct-result socket to
 EXIT_OK = 0  # retired or lifetime reached: do not restart
 EXIT_FATAL = 3  # misconfiguration (e.g. version mismatch): do not restart
