@@ -39,6 +39,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import psutil
 
@@ -656,15 +657,9 @@ def jq_h(cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
     """
     n = cfg["h_tasks"]
     out: dict[str, dict[str, float]] = {"curve": {}, "plaintext": {}}
-    saved = os.environ.get("JOBQUEUE_MS_LOCAL_DATA")
-    os.environ["JOBQUEUE_MS_LOCAL_DATA"] = "0"  # for the cluster's processes and our client
-    try:
+    # for the cluster's processes and our client; restored afterwards
+    with mock.patch.dict(os.environ, {"JOBQUEUE_MS_LOCAL_DATA": "0"}):
         _h_rounds(cfg, n, out)
-    finally:
-        if saved is None:
-            os.environ.pop("JOBQUEUE_MS_LOCAL_DATA", None)
-        else:
-            os.environ["JOBQUEUE_MS_LOCAL_DATA"] = saved
     return out
 
 
